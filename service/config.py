@@ -1,0 +1,64 @@
+"""Service settings, from `TOKENCREDIT_*` environment variables or CLI flags (flags win)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tokencredit.types import Limits, ShapingWeights
+
+__all__ = ["Settings", "DEFAULT_WEIGHTS"]
+
+# Shapley credit for most of the reward, a share kept on the last token like ordinary RLHF. The BO controller
+# (admin API) replaces these in production; they are only where a fresh server starts.
+DEFAULT_WEIGHTS = ShapingWeights(sparse=0.2, shap=0.8)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENCREDIT_", extra="ignore", env_ignore_empty=True)
+
+    # Reward model directory (any local AutoModelForSequenceClassification directory).
+    model: Optional[str] = None
+    # Loopback by default: exposing the service is the operator's explicit choice.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    rm_kind: str = "auto"
+    positive_label: Optional[str] = None
+    negative_label: Optional[str] = None
+    mask_token: Optional[str] = None
+    # Torch threads of the engine; 1 by default because spinning threads collapse under contention.
+    torch_threads: int = 1
+    chunk_size: Optional[int] = None
+    warmup: bool = True
+    # Limits (413 beyond them).
+    max_items: int = 64
+    max_response_tokens: int = 512
+    max_total_tokens: int = 16384
+    max_response_chars: int = 16384
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Requests waiting for the engine beyond this get 429 with Retry-After.
+    max_pending_requests: int = 256
+    # Initial shaping weights, as JSON: {"sparse": 0.2, "shap": 0.8}.
+    weights: str = DEFAULT_WEIGHTS.model_dump_json()
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_on_simplex(cls, value: str) -> str:
+        ShapingWeights.model_validate(json.loads(value))
+        return value
+
+    def shaping_weights(self) -> ShapingWeights:
+        return ShapingWeights.model_validate(json.loads(self.weights))
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_items=self.max_items,
+            max_response_tokens=self.max_response_tokens,
+            max_total_tokens=self.max_total_tokens,
+            max_response_chars=self.max_response_chars,
+        )

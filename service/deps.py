@@ -1,0 +1,30 @@
+"""FastAPI dependencies: the executor, settings and current shaping weights live on `app.state`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.executor import EmbeddedExecutor
+from service.shaping_state import ShapingState
+
+__all__ = ["ExecutorDep", "SettingsDep", "ShapingDep"]
+
+
+def get_executor(request: Request) -> EmbeddedExecutor:
+    return request.app.state.executor
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_shaping(request: Request) -> ShapingState:
+    return request.app.state.shaping
+
+
+ExecutorDep = Annotated[EmbeddedExecutor, Depends(get_executor)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ShapingDep = Annotated[ShapingState, Depends(get_shaping)]

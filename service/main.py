@@ -1,0 +1,91 @@
+"""Assembles the FastAPI app: settings, executor, error handlers, routers. No logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from fastapi.routing import APIRoute
+
+from service.config import Settings
+from service.errors import error_response, install_error_handlers
+from service.executor import EmbeddedExecutor
+from service.routes import health, rewards
+from service.shaping_state import ShapingState
+
+__all__ = ["create_app"]
+
+VERSION = "0.1.0"
+
+
+class BodyLimit:
+    """413 for bodies over `max_bytes`: by Content-Length up front, and by counting for chunked bodies."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode()
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(scope, send, f"body of {length} bytes exceeds the limit of {self.max_bytes}")
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # FastAPI re-raises HTTPException from body reading; the handler answers 413.
+                    raise HTTPException(413, f"body exceeds the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    @staticmethod
+    async def _reject(scope, send, message: str):
+        response = error_response(413, "payload_too_large", message, field="body")
+        await response(scope, None, send)
+
+
+def _operation_id(route: APIRoute) -> str:
+    # Stable operation ids ("rewards-dense_rewards") keep openapi.yaml diffs meaningful.
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) -> FastAPI:
+    """Build the app. With load_model=False nothing is loaded (used to render the OpenAPI schema)."""
+    settings = settings or Settings()
+    executor = EmbeddedExecutor(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(executor.start()) if load_model else None
+        yield
+        if task is not None:
+            task.cancel()
+        executor.shutdown()
+
+    app = FastAPI(
+        title="TokenCredit",
+        version=VERSION,
+        description="Dense, explainable per-token rewards from a sequence-level reward model.",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.settings = settings
+    app.state.executor = executor
+    app.state.shaping = ShapingState(weights=settings.shaping_weights())
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(rewards.router)
+    return app

@@ -1,0 +1,31 @@
+"""`POST /v1/dense_rewards`: per-token rewards that sum to the RM score."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+
+from service.deps import ExecutorDep, ShapingDep
+from tokencredit.types import DenseRewardsRequest, DenseRewardsResponse, ErrorResponse, ShapingInfo, Usage
+
+router = APIRouter(tags=["rewards"])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}
+
+
+@router.post("/v1/dense_rewards", response_model=DenseRewardsResponse, responses=_ERRORS)
+async def dense_rewards(request: DenseRewardsRequest, executor: ExecutorDep, shaping: ShapingDep) -> DenseRewardsResponse:
+    """Explain the RM on each item and return one reward per policy token (Σ = score)."""
+    started = time.perf_counter()
+    if request.weights is not None:
+        weights, info = request.weights, ShapingInfo(version=None, weights=request.weights.as_dict())
+    else:
+        weights, info = shaping.weights, shaping.info()
+    output = await executor.run(request, weights)
+    return DenseRewardsResponse(
+        model=executor.engine.model_info(),
+        shaping=info,
+        results=output.results,
+        usage=Usage(rm_rows=output.rm_rows, latency_ms=round((time.perf_counter() - started) * 1000.0, 3)),
+    )

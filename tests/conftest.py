@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random reward models built from configs, saved and re-loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from tests import tiny_models
+
+
+@pytest.fixture(scope="session")
+def encoder_rm_dir(tmp_path_factory):
+    """A 2-label BERT RM (WordPiece) saved to disk."""
+    return tiny_models.build_encoder_rm(tmp_path_factory.mktemp("encoder-rm"))
+
+
+@pytest.fixture(scope="session")
+def causal_rm_dir(tmp_path_factory):
+    """A 1-logit GPT-2 RM (byte-level BPE) saved to disk."""
+    return tiny_models.build_causal_rm(tmp_path_factory.mktemp("causal-rm"))
+
+
+@pytest.fixture(scope="session")
+def encoder_rm(encoder_rm_dir):
+    from workers.evaluator import set_torch_threads
+    from workers.model import RewardModel
+
+    set_torch_threads(1)
+    return RewardModel.load(encoder_rm_dir)
+
+
+@pytest.fixture(scope="session")
+def causal_rm(causal_rm_dir):
+    from workers.model import RewardModel
+
+    return RewardModel.load(causal_rm_dir)
+
+
+@pytest.fixture(scope="session")
+def bpe_policy_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE policy tokenizer directory (different from either RM's tokenizer)."""
+    return tiny_models.build_policy_tokenizer(tmp_path_factory.mktemp("policy-tok"))

@@ -1,0 +1,100 @@
+"""The coalition evaluator: id replacement on response tokens only, dedup, chunking, the score read correctly."""
+
+import numpy as np
+import pytest
+import torch
+
+from workers.evaluator import CoalitionEvaluator, RowCounter
+
+PROMPT = "Tell me about your weekend."
+RESPONSE = "It was amazing, I had a great time 😀 with friends!"
+
+
+def _hf_score(rm, prompt, response):
+    """The score as the model's own pipeline computes it: tokenizer call + full forward, no TokenCredit code."""
+    tok = rm.tokenizer
+    with torch.inference_mode():
+        if rm.kind == "encoder":
+            logits = rm.model(**tok(prompt, response, return_tensors="pt")).logits[0]
+            return float(logits[1] - logits[0])
+        ids = tok(prompt, add_special_tokens=False)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+        return float(rm.model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+
+@pytest.fixture(params=["encoder", "causal"])
+def rm(request, encoder_rm, causal_rm):
+    return encoder_rm if request.param == "encoder" else causal_rm
+
+
+def test_unmasked_score_matches_the_models_own_forward(rm):
+    inp = rm.encode(PROMPT, RESPONSE)
+    assert CoalitionEvaluator(rm).score(inp) == pytest.approx(_hf_score(rm, PROMPT, RESPONSE), abs=1e-5)
+
+
+def test_only_response_tokens_are_replaced_and_lengths_never_change(rm, monkeypatch):
+    inp = rm.encode(PROMPT, RESPONSE)
+    seen = []
+    original = rm.scores
+
+    def spy(ids, types):
+        seen.append(ids.copy())
+        return original(ids, types)
+
+    monkeypatch.setattr(rm, "scores", spy)
+    masks = np.random.default_rng(0).random((10, inp.n_tokens)) < 0.5
+    CoalitionEvaluator(rm, chunk_size=4)(inp, masks)
+    rows = np.concatenate(seen)
+    outside = np.setdiff1d(np.arange(len(inp.input_ids)), inp.response_positions)
+    assert rows.shape[1] == len(inp.input_ids)
+    assert np.all(rows[:, outside] == inp.input_ids[outside])  # prompt and specials untouched
+    response = rows[:, inp.response_positions]
+    kept = np.isin(response, inp.response_ids) & (response != rm.mask_token_id)
+    assert np.all((response == rm.mask_token_id) | kept)
+    assert [len(chunk) for chunk in seen] == [3, 4, 3]  # balanced chunks of at most 4
+
+
+def test_duplicate_masks_are_evaluated_once(rm):
+    inp = rm.encode(PROMPT, RESPONSE)
+    masks = np.ones((6, inp.n_tokens), bool)
+    masks[1::2, 0] = False  # two distinct rows, three copies each
+    counter = RowCounter()
+    scores = CoalitionEvaluator(rm)(inp, masks, counter)
+    assert counter.rows == 2 and counter.requested == 6
+    assert scores[0] == scores[2] == scores[4] and scores[1] == scores[3] == scores[5]
+
+
+def test_chunking_does_not_change_scores(rm):
+    inp = rm.encode(PROMPT, RESPONSE)
+    masks = np.random.default_rng(1).random((50, inp.n_tokens)) < 0.7
+    a = CoalitionEvaluator(rm, chunk_size=7)(inp, masks)
+    b = CoalitionEvaluator(rm, chunk_size=64)(inp, masks)
+    assert np.allclose(a, b, atol=1e-5)  # fp32 reductions depend on the batch shape at ~1e-7
+
+
+def test_causal_score_is_read_at_the_last_position_even_when_the_mask_id_is_the_pad_id(causal_rm):
+    # The tiny GPT-2's mask id falls back to its pad id; HF's own "last non-pad token" logic would then read an
+    # earlier position whenever the last response token is masked.
+    assert causal_rm.mask_token_id == causal_rm.tokenizer.pad_token_id
+    inp = causal_rm.encode(PROMPT, RESPONSE)
+    mask = np.ones((1, inp.n_tokens), bool)
+    mask[0, -1] = False
+    ids = inp.input_ids.copy()
+    ids[inp.response_positions[-1]] = causal_rm.mask_token_id
+    with torch.inference_mode():
+        hidden = causal_rm.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state
+        expected = float(causal_rm.model.score(hidden[:, -1])[0, 0])
+    assert CoalitionEvaluator(causal_rm)(inp, mask)[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_bad_mask_shape_is_refused(encoder_rm):
+    inp = encoder_rm.encode(PROMPT, RESPONSE)
+    with pytest.raises(ValueError, match="masks must be"):
+        CoalitionEvaluator(encoder_rm)(inp, np.ones((2, inp.n_tokens + 1), bool))
+
+
+def test_long_prompts_are_cut_from_the_left(encoder_rm):
+    long_prompt = " ".join(["the weather is a constant reminder"] * 100)
+    inp = encoder_rm.encode(long_prompt, RESPONSE)
+    assert inp.prompt_truncated
+    assert len(inp.input_ids) <= encoder_rm.max_length
+    assert encoder_rm.tokenizer.decode(inp.response_ids) == encoder_rm.tokenizer.decode(encoder_rm.encode("", RESPONSE).response_ids)

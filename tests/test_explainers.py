@@ -1,0 +1,121 @@
+"""Explainers on a real (tiny, random, strongly interactive) transformer RM: SHAP efficiency, exact Shapley
+agreement by enumeration, LOO by definition, LIME determinism, budgets."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from workers.evaluator import CoalitionEvaluator, RowCounter
+from workers.explainers import BudgetError, explain_lime, explain_loo, explain_shap
+
+PROMPT = "Tell me about your weekend."
+SHORT = "It was great!"  # ≤ 8 RM tokens: small enough to enumerate all coalitions
+LONG = "The movie was wonderful and the acting was superb, I loved every minute of it."
+
+
+def _value_fn(rm, response, counter=None):
+    evaluator = CoalitionEvaluator(rm)
+    inp = rm.encode(PROMPT, response)
+    return (lambda masks: evaluator(inp, masks, counter)), inp
+
+
+def exact_shapley(value_fn, n):
+    """Shapley values by enumerating all 2^n coalitions (one batched evaluation)."""
+    masks = np.array(list(itertools.product([False, True], repeat=n)), dtype=bool)
+    values = dict(zip(map(tuple, masks), value_fn(masks)))
+    phi = np.zeros(n)
+    for mask in masks:
+        size = int(mask.sum())
+        for i in np.flatnonzero(~mask):
+            with_i = mask.copy()
+            with_i[i] = True
+            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+            phi[i] += weight * (values[tuple(with_i)] - values[tuple(mask)])
+    return phi
+
+
+@pytest.fixture(scope="module", params=["encoder", "causal"])
+def rm(request, encoder_rm, causal_rm):
+    return encoder_rm if request.param == "encoder" else causal_rm
+
+
+@pytest.mark.parametrize("estimator", ["permutation", "kernel"])
+def test_shap_efficiency(rm, estimator):
+    value_fn, inp = _value_fn(rm, LONG)
+    n = inp.n_tokens
+    att = explain_shap(value_fn, n, estimator=estimator, seed=3)
+    full = value_fn(np.ones((1, n), bool))[0]
+    empty = value_fn(np.zeros((1, n), bool))[0]
+    assert att.full_value == pytest.approx(full, abs=1e-6)
+    assert att.base_value == pytest.approx(empty, abs=1e-6)
+    # Efficiency Σφ = f(x) − f(∅): exact by telescoping (permutation) or by constraint (kernel); rounding only.
+    assert att.values.sum() == pytest.approx(full - empty, abs=1e-6 * max(1.0, abs(full - empty)))
+
+
+def test_shap_agrees_with_exact_shapley_values(rm):
+    value_fn, inp = _value_fn(rm, SHORT)
+    n = inp.n_tokens
+    assert 3 <= n <= 8
+    exact = exact_shapley(value_fn, n)
+    scale = np.abs(exact).max()
+    # Kernel SHAP with a budget ≥ 2^n enumerates every coalition: it solves for the exact values.
+    kernel = explain_shap(value_fn, n, estimator="kernel", max_rows=2**n, seed=0).values
+    assert np.abs(kernel - exact).max() <= 1e-6 * scale
+    # Permutation SHAP is a Monte-Carlo estimate: with 40 antithetic passes its max error was ≤ 1.7 % of the
+    # largest value over 5 seeds on both tiny RMs (0.8-0.4 % at 100 passes); 5 % is 3× that, far below what a
+    # wrong estimator gives (errors of the order of the values themselves).
+    perm = explain_shap(value_fn, n, estimator="permutation", max_rows=40 * (2 * n + 1), seed=0).values
+    assert np.abs(perm - exact).max() <= 0.05 * scale
+    assert np.corrcoef(perm, exact)[0, 1] > 0.95
+
+
+def test_shap_is_deterministic_for_a_seed_and_varies_across_seeds(encoder_rm):
+    value_fn, inp = _value_fn(encoder_rm, LONG)
+    a = explain_shap(value_fn, inp.n_tokens, seed=1).values
+    b = explain_shap(value_fn, inp.n_tokens, seed=1).values
+    c = explain_shap(value_fn, inp.n_tokens, seed=2).values
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_shap_budget_below_minimum_is_refused(encoder_rm):
+    value_fn, inp = _value_fn(encoder_rm, LONG)
+    with pytest.raises(BudgetError) as info:
+        explain_shap(value_fn, inp.n_tokens, max_rows=2 * inp.n_tokens)
+    assert info.value.minimum == 2 * inp.n_tokens + 1
+
+
+def test_shap_rows_respect_the_budget(encoder_rm):
+    counter = RowCounter()
+    value_fn, inp = _value_fn(encoder_rm, LONG, counter)
+    budget = 5 * (2 * inp.n_tokens + 1)
+    att = explain_shap(value_fn, inp.n_tokens, max_rows=budget)
+    assert att.rows <= budget
+    # The evaluator de-duplicates: every pass repeats the empty and full coalitions.
+    assert counter.rows < counter.requested
+
+
+def test_loo_is_leave_one_out_by_definition(rm):
+    value_fn, inp = _value_fn(rm, LONG)
+    n = inp.n_tokens
+    att = explain_loo(value_fn, n)
+    full = value_fn(np.ones((1, n), bool))[0]
+    for t in (0, n // 2, n - 1):
+        mask = np.ones((1, n), bool)
+        mask[0, t] = False
+        # fp32 kernels sum in a batch-shape-dependent order: a row alone and inside a batch differ by ~1e-7.
+        assert att.values[t] == pytest.approx(full - value_fn(mask)[0], abs=1e-5)
+
+
+def test_lime_is_deterministic_and_tracks_the_model(encoder_rm):
+    value_fn, inp = _value_fn(encoder_rm, SHORT)
+    n = inp.n_tokens
+    a = explain_lime(value_fn, n, num_samples=400, seed=5)
+    b = explain_lime(value_fn, n, num_samples=400, seed=5)
+    assert np.array_equal(a.values, b.values)
+    assert a.rows == 401
+    # LIME fits a local linear surrogate: on a small response it must correlate with the exact Shapley values.
+    exact = exact_shapley(value_fn, n)
+    assert np.corrcoef(a.values, exact)[0, 1] > 0.5

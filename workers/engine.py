@@ -1,0 +1,283 @@
+"""The attribution engine: a dense-rewards request in, per-token rewards out.
+
+Two phases so that bad input never costs RM time: `prepare` validates everything that needs the RM tokenizer or
+the policy tokenizer (limits, ids, alignment) and raises `InvalidField`; `run` explains, shapes and aligns.
+The engine is synchronous and single-threaded by design: the service runs it in a worker thread (embedded
+default) and Celery workers run it in their own process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from tokencredit.alignment import (
+    AlignmentError,
+    align_to_policy,
+    byte_spans_to_char_spans,
+    char_spans_to_byte_spans,
+    policy_byte_spans_from_ids,
+)
+from tokencredit.types import (
+    Component,
+    DenseRewardItem,
+    DenseRewardsRequest,
+    ItemError,
+    ItemResult,
+    LimeConfig,
+    Limits,
+    ModelInfo,
+    ShapConfig,
+    ShapingWeights,
+)
+from workers import shaping
+from workers.evaluator import CoalitionEvaluator, RowCounter
+from workers.explainers import BudgetError, explain_lime, explain_loo, explain_shap, min_shap_rows
+from workers.model import RewardModel, RMInput
+
+__all__ = ["Engine", "InvalidField", "PayloadTooLarge", "PreparedItem", "EngineOutput"]
+
+
+class InvalidField(ValueError):
+    """Bad input, reported as 422 naming the field (dotted/indexed path into the request body)."""
+
+    status = 422
+    code = "invalid_request"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class PayloadTooLarge(InvalidField):
+    """A limit is exceeded, reported as 413 with the limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+    def __init__(self, field: str, message: str, limit: int):
+        super().__init__(field, message)
+        self.limit = limit
+
+
+@dataclass
+class PreparedItem:
+    id: str
+    item: DenseRewardItem
+    rm_input: RMInput
+    # Policy-token byte spans into the response, or None to report on RM tokens.
+    policy_byte_spans: Optional[List[Tuple[int, int]]]
+    out_spans: List[Tuple[int, int]]
+
+
+@dataclass
+class EngineOutput:
+    results: List[ItemResult]
+    rm_rows: int
+
+
+@functools.lru_cache(maxsize=8)
+def _load_policy_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class Engine:
+    """Explains one RM for dense-rewards requests.
+
+    Args:
+        model: the loaded reward model.
+        limits: request limits (413 beyond them).
+        chunk_size: evaluator rows per forward pass (None: per device).
+    """
+
+    def __init__(self, model: RewardModel, limits: Limits, chunk_size: Optional[int] = None):
+        self.model = model
+        self.evaluator = CoalitionEvaluator(model, chunk_size)
+        # The response plus the RM's special tokens must fit; the prompt is cut first.
+        rm_room = model.max_length - 4
+        self.limits = limits.model_copy(update={"max_response_tokens": min(limits.max_response_tokens, rm_room)})
+
+    def model_info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(
+            name=m.name, revision=m.revision, kind=m.kind, device=m.device, dtype=m.dtype, max_length=m.max_length
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    def prepare(self, request: DenseRewardsRequest) -> List[PreparedItem]:
+        """Validate and lay out every item. Raises InvalidField / PayloadTooLarge, never runs the RM."""
+        limits = self.limits
+        if len(request.items) > limits.max_items:
+            raise PayloadTooLarge("items", f"{len(request.items)} items exceed the limit of {limits.max_items}", limits.max_items)
+        policy_tok = None
+        if request.policy_tokenizer is not None:
+            policy_tok = self._policy_tokenizer(request.policy_tokenizer)
+        prepared: List[PreparedItem] = []
+        total_tokens = 0
+        for i, item in enumerate(request.items):
+            where = f"items[{i}]"
+            if len(item.response) > limits.max_response_chars:
+                raise PayloadTooLarge(
+                    f"{where}.response",
+                    f"{len(item.response)} characters exceed the limit of {limits.max_response_chars}",
+                    limits.max_response_chars,
+                )
+            n_tokens = self.model.count_response_tokens(item.response)
+            if n_tokens > limits.max_response_tokens:
+                raise PayloadTooLarge(
+                    f"{where}.response",
+                    f"{n_tokens} RM tokens exceed the limit of {limits.max_response_tokens}",
+                    limits.max_response_tokens,
+                )
+            if n_tokens == 0:
+                raise InvalidField(f"{where}.response", "the reward model's tokenizer finds no token in the response")
+            total_tokens += n_tokens
+            if total_tokens > limits.max_total_tokens:
+                raise PayloadTooLarge(
+                    "items", f"the items hold more than {limits.max_total_tokens} RM response tokens in all", limits.max_total_tokens
+                )
+            rm_input = self.model.encode(item.prompt, item.response)
+            byte_spans, out_spans = self._policy_spans(where, item, policy_tok, rm_input)
+            prepared.append(PreparedItem(item.id or str(i), item, rm_input, byte_spans, out_spans))
+        self._check_budgets(request, prepared)
+        return prepared
+
+    def _policy_tokenizer(self, path: str):
+        if not os.path.isdir(path):
+            raise InvalidField("policy_tokenizer", f"{path!r} is not a local tokenizer directory on the server")
+        try:
+            return _load_policy_tokenizer(os.path.realpath(path))
+        except Exception as exc:  # transformers raises many types for unusable directories
+            raise InvalidField("policy_tokenizer", f"cannot load a tokenizer from {path!r}: {exc}") from None
+
+    def _policy_spans(self, where, item, policy_tok, rm_input):
+        if item.response_token_offsets is not None:
+            spans = [tuple(s) for s in item.response_token_offsets]
+            return char_spans_to_byte_spans(item.response, spans), spans
+        if item.response_token_ids is not None:
+            if policy_tok is None:
+                raise InvalidField("policy_tokenizer", f"{where}.response_token_ids needs policy_tokenizer on the request")
+            vocab = len(policy_tok)
+            bad = [t for t in item.response_token_ids if t >= vocab]
+            if bad:
+                raise InvalidField(f"{where}.response_token_ids", f"id {bad[0]} is outside the policy vocabulary of {vocab}")
+
+            def decode(ids):
+                return policy_tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+            try:
+                byte_spans = policy_byte_spans_from_ids(item.response_token_ids, decode, item.response)
+            except AlignmentError as exc:
+                raise InvalidField(f"{where}.response_token_ids", str(exc)) from None
+            return byte_spans, byte_spans_to_char_spans(item.response, byte_spans)
+        return None, list(rm_input.response_spans)
+
+    def _check_budgets(self, request: DenseRewardsRequest, prepared: List[PreparedItem]) -> None:
+        shap_cfg = request.methods.shap if request.methods else None
+        if shap_cfg is None or shap_cfg.max_rows is None:
+            return
+        for i, p in enumerate(prepared):
+            minimum = min_shap_rows(p.rm_input.n_tokens, shap_cfg.estimator)
+            if shap_cfg.max_rows < minimum:
+                raise InvalidField(
+                    "methods.shap.max_rows",
+                    f"items[{i}] has {p.rm_input.n_tokens} RM tokens; {shap_cfg.estimator} SHAP needs max_rows >= {minimum}",
+                )
+
+    # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def components_for(request: DenseRewardsRequest, weights: ShapingWeights) -> List[Component]:
+        """Explainers to run: the weighted ones plus any named in `methods`."""
+        wanted = set(weights.active())
+        if request.methods is not None:
+            wanted |= {Component(name) for name, cfg in request.methods if cfg is not None}
+        return [c for c in Component if c in wanted]
+
+    def run(self, request: DenseRewardsRequest, weights: ShapingWeights, prepared: Optional[List[PreparedItem]] = None) -> EngineOutput:
+        """Explain, shape and align every item. A failure inside one item becomes that item's error."""
+        prepared = self.prepare(request) if prepared is None else prepared
+        components = self.components_for(request, weights)
+        counter = RowCounter()
+        results = []
+        for p in prepared:
+            try:
+                results.append(self._explain_item(p, request, weights, components, counter))
+            except Exception as exc:  # keep the other items: one bad item must not cost a whole batch
+                results.append(
+                    ItemResult(id=p.id, error=ItemError(code="explain_failed", message=f"{type(exc).__name__}: {exc}", retryable=True))
+                )
+        return EngineOutput(results=results, rm_rows=counter.rows)
+
+    def _explain_item(self, p: PreparedItem, request, weights: ShapingWeights, components, counter: RowCounter) -> ItemResult:
+        inp = p.rm_input
+        score = self.evaluator.score(inp, counter)
+        methods = request.methods
+        value_fn = functools.partial(self.evaluator, inp, counter=counter)
+        rm_dists: Dict[str, np.ndarray] = {}
+        for comp in components:
+            if comp is Component.sparse:
+                continue
+            if comp is Component.attention:
+                rm_dists[comp.value] = shaping.normalize_nonnegative(self.evaluator.attention(inp, counter))
+                continue
+            if comp is Component.shap:
+                cfg = (methods.shap if methods else None) or ShapConfig()
+                att = explain_shap(value_fn, inp.n_tokens, estimator=cfg.estimator, max_rows=cfg.max_rows, seed=cfg.seed)
+            elif comp is Component.lime:
+                cfg = (methods.lime if methods else None) or LimeConfig()
+                att = explain_lime(value_fn, inp.n_tokens, num_samples=cfg.num_samples, seed=cfg.seed, kernel_width=cfg.kernel_width)
+            else:
+                att = explain_loo(value_fn, inp.n_tokens)
+            rm_dists[comp.value] = shaping.normalize_signed(att.values, score)
+
+        # Move each component's distribution to the policy's tokens; the sparse one-hot is placed there directly
+        # so that w = (sparse=1) is exactly ordinary RLHF whatever the tokenizers.
+        if p.policy_byte_spans is None:
+            dists, coverages = rm_dists, {k: 1.0 for k in rm_dists}
+            n_out = inp.n_tokens
+        else:
+            dists, coverages = {}, {}
+            for name, e in rm_dists.items():
+                dists[name], coverages[name] = align_to_policy(
+                    e, inp.response_spans, p.item.response, target_byte_spans=p.policy_byte_spans
+                )
+            n_out = len(p.policy_byte_spans)
+        dists[Component.sparse.value] = shaping.sparse_distribution(n_out)
+        coverages[Component.sparse.value] = 1.0
+
+        w = weights.as_dict()
+        rewards = shaping.mix(score, dists, w)
+        active = {k: v for k, v in w.items() if v > 0}
+        coverage = sum(v * coverages[k] for k, v in active.items()) / sum(active.values())
+        result = ItemResult(
+            id=p.id,
+            score=score,
+            token_rewards=rewards.tolist(),
+            spans=[tuple(s) for s in p.out_spans],
+            coverage=float(coverage),
+            rm_tokens=inp.n_tokens,
+            prompt_truncated=inp.prompt_truncated,
+        )
+        if request.return_components:
+            result.components = {
+                c.value: shaping.conserve(score * dists[c.value], score).tolist() for c in Component if c.value in dists
+            }
+        return result
+
+    def warmup(self) -> float:
+        """One small explanation of every kind so the first request pays no lazy import, JIT or allocation cost."""
+        start = time.perf_counter()
+        request = DenseRewardsRequest(
+            items=[DenseRewardItem(prompt="Warm-up.", response="This is a short warm-up response.")],
+            weights=ShapingWeights(sparse=0.2, attention=0.2, shap=0.2, lime=0.2, loo=0.2),
+        )
+        self.run(request, request.weights)
+        return time.perf_counter() - start
