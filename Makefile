@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install openapi demo-model
+.PHONY: serve test install openapi demo-model bench bench-serving
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,13 @@ openapi: $(STAMP)
 
 demo-model: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model
+
+# Attribution benchmark (issue: fast attribution engine). QUICK=1 finishes in under 2 minutes.
+bench: $(STAMP)
+	$(VENV)/bin/tokencredit-server demo-model --if-missing
+	$(PY) bench/attribution.py $(if $(QUICK),--quick,)
+
+# Serving benchmark (issue 3): Celery micro-batching and Celery vs embedded throughput; a few minutes on CPU.
+bench-serving: $(STAMP)
+	$(VENV)/bin/tokencredit-server demo-model --if-missing
+	$(PY) bench/serving.py

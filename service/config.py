@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str = "auto"
     dtype: str = "auto"
+    # Precision of coalition rows: auto = bf16 where the hardware has it (the score R stays at `dtype`).
+    explain_dtype: str = "auto"
+    # Reuse a causal RM's prompt KV cache across coalition rows (exact).
+    kv_reuse: bool = True
     rm_kind: str = "auto"
     positive_label: Optional[str] = None
     negative_label: Optional[str] = None
@@ -43,6 +47,22 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     # Requests waiting for the engine beyond this get 429 with Retry-After.
     max_pending_requests: int = 256
+    # Celery path (issue 3): no broker URL = embedded engine. e.g. redis://127.0.0.1:6379/0
+    broker_url: Optional[str] = None
+    # Queue and Redis key prefix: several deployments (or test runs) can share one Redis.
+    queue: str = "tokencredit"
+    key_prefix: str = "tc"
+    # Micro-batching: wait this long for more items, or until this many estimated RM rows, then send one task.
+    batch_window_ms: float = 5.0
+    batch_max_rows: int = 512
+    # Items waiting for workers beyond this get 429 with Retry-After.
+    max_queued_items: int = 4096
+    # Deadline of a request without deadline_ms (below OpenRLHF's 180 s client timeout).
+    default_deadline_ms: int = 150_000
+    # Result cache TTL (0 disables the cache).
+    cache_ttl_s: int = 3600
+    # A task unacked this long (its worker died) is redelivered; results are idempotent so early redelivery is safe.
+    visibility_timeout_s: float = 60.0
     # Initial shaping weights, as JSON: {"sparse": 0.2, "shap": 0.8}.
     weights: str = DEFAULT_WEIGHTS.model_dump_json()
 

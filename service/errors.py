@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.executor import NotReady, Overloaded
+from service.executor import NotReady, Overloaded, Unavailable
 from tokencredit.types import ErrorDetail, ErrorResponse
 from workers.engine import InvalidField, PayloadTooLarge
 
@@ -67,6 +67,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady):
         return error_response(503, "not_ready", str(exc), retryable=True, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable):
+        # Redis (the broker) is down: retry shortly; services reconnect by themselves when it is back.
+        return error_response(503, "broker_unavailable", str(exc), retryable=True, headers={"Retry-After": "2"})
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded):

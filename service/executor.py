@@ -16,7 +16,7 @@ from typing import Optional
 from tokencredit.types import DenseRewardsRequest, ShapingWeights
 from workers.engine import Engine, EngineOutput
 
-__all__ = ["EmbeddedExecutor", "NotReady", "Overloaded"]
+__all__ = ["EmbeddedExecutor", "NotReady", "Overloaded", "Unavailable"]
 
 log = logging.getLogger("tokencredit.executor")
 
@@ -27,6 +27,10 @@ class NotReady(RuntimeError):
 
 class Overloaded(RuntimeError):
     """Too many requests are waiting (429 with Retry-After)."""
+
+
+class Unavailable(RuntimeError):
+    """A backing service (the Celery broker) is unreachable (503 with Retry-After)."""
 
 
 class EmbeddedExecutor:
@@ -65,7 +69,11 @@ class EmbeddedExecutor:
                 positive_label=s.positive_label,
                 negative_label=s.negative_label,
                 mask_token=s.mask_token,
+                explain_dtype=s.explain_dtype,
+                kv_reuse=s.kv_reuse,
             )
+            if s.shaping_weights().prefix > 0 and not model.reads_last_position:
+                raise ValueError("TOKENCREDIT_WEIGHTS gives the prefix component a weight, but it needs a causal RM")
             engine = Engine(model, s.limits(), chunk_size=s.chunk_size)
             if s.warmup:
                 self.warmup_seconds = engine.warmup()

@@ -13,7 +13,8 @@ from fastapi.routing import APIRoute
 from service.config import Settings
 from service.errors import error_response, install_error_handlers
 from service.executor import EmbeddedExecutor
-from service.routes import health, rewards
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import compat, health, metrics, rewards
 from service.shaping_state import ShapingState
 
 __all__ = ["create_app"]
@@ -63,7 +64,14 @@ def _operation_id(route: APIRoute) -> str:
 def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) -> FastAPI:
     """Build the app. With load_model=False nothing is loaded (used to render the OpenAPI schema)."""
     settings = settings or Settings()
-    executor = EmbeddedExecutor(settings)
+    app_metrics = Metrics()
+    if settings.broker_url:
+        # Celery path (workers over Redis); the import stays lazy so the embedded default needs no celery.
+        from service.dispatch import CeleryExecutor
+
+        executor = CeleryExecutor(settings, app_metrics)
+    else:
+        executor = EmbeddedExecutor(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,10 +90,15 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
     )
     app.state.settings = settings
     app.state.executor = executor
+    app.state.metrics = app_metrics
     app.state.shaping = ShapingState(weights=settings.shaping_weights())
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost, so 413s from BodyLimit and error-handler answers are counted too.
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(rewards.router)
+    app.include_router(metrics.router)
+    app.include_router(compat.router)
     return app

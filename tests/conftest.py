@@ -30,14 +30,15 @@ def encoder_rm(encoder_rm_dir):
     from workers.model import RewardModel
 
     set_torch_threads(1)
-    return RewardModel.load(encoder_rm_dir)
+    # fp32 rows: exactness tests compare against the models own fp32 forward; bf16 has its own tests.
+    return RewardModel.load(encoder_rm_dir, explain_dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def causal_rm(causal_rm_dir):
     from workers.model import RewardModel
 
-    return RewardModel.load(causal_rm_dir)
+    return RewardModel.load(causal_rm_dir, explain_dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.celery_helpers import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_items": 4, "max_response_tokens": 48, "max_total_tokens": 120}
@@ -42,17 +43,7 @@ def _spawn(model_dir, log_path: Path, host: str | None = "127.0.0.1", **env_extr
     return proc, f"http://127.0.0.1:{port}", port, log_path
 
 
-def _wait_ready(proc, url, log_path, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"server not ready in {timeout:.0f} s:\n{log_path.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.2)
+_wait_ready = wait_ready  # one readiness poll for every spawned server
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +107,7 @@ def test_health_ready_info(client):
     assert info["components"] == ["sparse", "attention", "shap", "lime", "loo"]
     assert {k: info["limits"][k] for k in LIMITS} == LIMITS
     assert info["shaping"]["version"] == 1
-    assert info["shaping"]["weights"] == {"sparse": 0.2, "attention": 0.0, "shap": 0.8, "lime": 0.0, "loo": 0.0}
+    assert info["shaping"]["weights"] == {"sparse": 0.2, "attention": 0.0, "shap": 0.8, "lime": 0.0, "loo": 0.0, "prefix": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------- happy paths

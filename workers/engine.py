@@ -31,6 +31,8 @@ from tokencredit.types import (
     ItemResult,
     LimeConfig,
     Limits,
+    MethodsConfig,
+    PrefixConfig,
     ModelInfo,
     ShapConfig,
     ShapingWeights,
@@ -181,6 +183,11 @@ class Engine:
         return None, list(rm_input.response_spans)
 
     def _check_budgets(self, request: DenseRewardsRequest, prepared: List[PreparedItem]) -> None:
+        if not self.model.reads_last_position:
+            if request.weights is not None and request.weights.prefix > 0:
+                raise InvalidField("weights.prefix", f"the prefix component needs a causal RM; {self.model.name} is an encoder")
+            if request.methods is not None and request.methods.prefix is not None:
+                raise InvalidField("methods.prefix", f"the prefix component needs a causal RM; {self.model.name} is an encoder")
         shap_cfg = request.methods.shap if request.methods else None
         if shap_cfg is None or shap_cfg.max_rows is None:
             return
@@ -234,6 +241,13 @@ class Engine:
             elif comp is Component.lime:
                 cfg = (methods.lime if methods else None) or LimeConfig()
                 att = explain_lime(value_fn, inp.n_tokens, num_samples=cfg.num_samples, seed=cfg.seed, kernel_width=cfg.kernel_width)
+            elif comp is Component.prefix:
+                # Telescoping: Σ_t (s_t − s_{t−1}) = R − s_0; the normalization puts the prompt's share s_0 with
+                # the residual.
+                prefix_scores = self.model.prefix_scores(inp)
+                counter.rows += 1
+                rm_dists[comp.value] = shaping.normalize_signed(np.diff(prefix_scores), score)
+                continue
             else:
                 att = explain_loo(value_fn, inp.n_tokens)
             rm_dists[comp.value] = shaping.normalize_signed(att.values, score)
@@ -279,5 +293,7 @@ class Engine:
             items=[DenseRewardItem(prompt="Warm-up.", response="This is a short warm-up response.")],
             weights=ShapingWeights(sparse=0.2, attention=0.2, shap=0.2, lime=0.2, loo=0.2),
         )
+        if self.model.reads_last_position:
+            request.methods = MethodsConfig(prefix=PrefixConfig())
         self.run(request, request.weights)
         return time.perf_counter() - start

@@ -23,6 +23,7 @@ __all__ = [
     "explain_shap",
     "explain_lime",
     "explain_loo",
+    "permutation_shapley",
 ]
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
@@ -56,7 +57,7 @@ def default_shap_rows(n_tokens: int) -> int:
 
 def min_shap_rows(n_tokens: int, estimator: str) -> int:
     # Permutation needs one forward-and-back pass (2T + 1 rows); Kernel needs more coalitions than players.
-    return 2 * n_tokens + 1 if estimator == "permutation" else n_tokens + 2
+    return n_tokens + 2 if estimator == "kernel" else 2 * n_tokens + 1
 
 
 def default_lime_samples(n_tokens: int) -> int:
@@ -91,6 +92,8 @@ def explain_shap(
     Raises:
         BudgetError: max_rows below the estimator's minimum for n_tokens.
     """
+    if estimator == "stratified":
+        return permutation_shapley(value_fn, n_tokens, max_rows=max_rows, seed=seed, stratified=True)
     import shap
 
     budget = default_shap_rows(n_tokens) if max_rows is None else int(max_rows)
@@ -118,8 +121,57 @@ def explain_shap(
         base = float(np.asarray(explainer.expected_value).reshape(-1)[0])
         full = float(f(x)[0])
     else:
-        raise ValueError(f"unknown shap estimator {estimator!r}; use 'permutation' or 'kernel'")
+        raise ValueError(f"unknown shap estimator {estimator!r}; use 'permutation', 'kernel' or 'stratified'")
     return Attribution(values=values, base_value=base, full_value=full, rows=rows[0])
+
+
+def permutation_shapley(
+    value_fn: ValueFn,
+    n_tokens: int,
+    *,
+    max_rows: Optional[int] = None,
+    seed: int = 0,
+    stratified: bool = True,
+) -> Attribution:
+    """Antithetic permutation sampling with stratified positions, all passes in one evaluator call.
+
+    Each pass walks a permutation forward (adding tokens) and back (removing them): 2T+1 rows, exact efficiency
+    by telescoping. With `stratified`, pass p shifts one random ordering cyclically by p·T/P positions, so every
+    token visits every coalition-size stratum evenly across the P passes instead of at random; each pass is still
+    a uniformly random permutation (unbiased), but the strata no longer cluster. Marginal contributions depend on
+    where a token sits (early: little context, late: much), so spreading positions is what lowers the variance.
+    """
+    budget = default_shap_rows(n_tokens) if max_rows is None else int(max_rows)
+    per_pass = 2 * n_tokens + 1
+    if budget < per_pass:
+        raise BudgetError(f"permutation SHAP on {n_tokens} tokens needs max_rows >= {per_pass}, got {budget}", per_pass)
+    passes = budget // per_pass
+    rng = np.random.default_rng(seed)
+    base = rng.permutation(n_tokens)
+    orders = []
+    for p in range(passes):
+        if stratified:
+            orders.append(np.roll(base, (p * n_tokens) // passes))
+        else:
+            orders.append(rng.permutation(n_tokens))
+    # Row k of a pass: forward rows keep order[:k]; backward rows keep order[k:] — both from the same order.
+    steps = np.arange(n_tokens + 1)
+    masks = np.zeros((passes, 2 * n_tokens + 1, n_tokens), dtype=bool)
+    for p, order in enumerate(orders):
+        rank = np.empty(n_tokens, dtype=np.int64)
+        rank[order] = np.arange(n_tokens)
+        masks[p, : n_tokens + 1] = rank[None, :] < steps[:, None]
+        masks[p, n_tokens + 1 :] = rank[None, :] >= steps[1:, None]
+    values = value_fn(masks.reshape(-1, n_tokens)).reshape(passes, 2 * n_tokens + 1)
+    forward = values[:, : n_tokens + 1]
+    backward = np.concatenate([forward[:, -1:], values[:, n_tokens + 1 :]], axis=1)  # full, then removals
+    phi = np.zeros(n_tokens, dtype=np.float64)
+    for p, order in enumerate(orders):
+        phi[order] += np.diff(forward[p])  # adding order[k] moves row k → k+1
+        phi[order] += -np.diff(backward[p])  # removing order[k] moves backward row k → k+1
+    phi /= 2 * passes
+    full, base_value = float(forward[0, -1]), float(forward[0, 0])
+    return Attribution(values=phi, base_value=base_value, full_value=full, rows=passes * per_pass)
 
 
 def explain_lime(

@@ -22,6 +22,7 @@ __all__ = [
     "LimeConfig",
     "AttentionConfig",
     "LooConfig",
+    "PrefixConfig",
     "MethodsConfig",
     "DenseRewardItem",
     "DenseRewardsRequest",
@@ -55,10 +56,12 @@ class Component(str, Enum):
     lime = "lime"
     # Leave-one-out occlusion: f(x) - f(x without token t).
     loo = "loo"
+    # Causal RMs only: differences of the scores of successive response prefixes (one forward pass).
+    prefix = "prefix"
 
 
 # Components that need the reward model explained (all but `sparse`).
-EXPLAINERS = (Component.attention, Component.shap, Component.lime, Component.loo)
+EXPLAINERS = (Component.attention, Component.shap, Component.lime, Component.loo, Component.prefix)
 
 
 class _Strict(BaseModel):
@@ -74,6 +77,7 @@ class ShapingWeights(_Strict):
     shap: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the SHAP component.")
     lime: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the LIME component.")
     loo: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the leave-one-out component.")
+    prefix: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the prefix-score component (causal RMs only).")
 
     @model_validator(mode="after")
     def _on_simplex(self) -> "ShapingWeights":
@@ -96,8 +100,9 @@ class ShapingWeights(_Strict):
 class ShapConfig(_Strict):
     """Budget and seed of the `shap` explainer."""
 
-    # Which shap estimator runs. Both satisfy efficiency; Permutation is the more accurate per row.
-    estimator: Literal["permutation", "kernel"] = "permutation"
+    # Which estimator runs. All satisfy efficiency. "permutation" and "kernel" are the shap library's;
+    # "stratified" is antithetic permutation sampling with stratified positions (same rows, lower variance).
+    estimator: Literal["permutation", "kernel", "stratified"] = "permutation"
     # RM rows (coalitions) per response; None = 8 × response tokens. Permutation needs at least 2T+1.
     max_rows: Optional[int] = Field(None, ge=1, le=1_000_000)
     seed: int = 0
@@ -121,6 +126,10 @@ class LooConfig(_Strict):
     """The `loo` explainer has no budget: T + 1 rows."""
 
 
+class PrefixConfig(_Strict):
+    """The `prefix` explainer has no budget: one forward pass (causal RMs only)."""
+
+
 class MethodsConfig(_Strict):
     """Per-explainer settings. Naming an explainer here also computes it when its weight is 0."""
 
@@ -128,6 +137,7 @@ class MethodsConfig(_Strict):
     lime: Optional[LimeConfig] = None
     attention: Optional[AttentionConfig] = None
     loo: Optional[LooConfig] = None
+    prefix: Optional[PrefixConfig] = None
 
 
 class DenseRewardItem(_Strict):
@@ -201,6 +211,9 @@ class DenseRewardsRequest(_Strict):
     methods: Optional[MethodsConfig] = None
     # Also return each component's own per-token rewards (each sums to the score).
     return_components: bool = False
+    # Time budget in ms (Celery path, `serve --broker`; the embedded engine ignores it): items not explained by
+    # then get an explicit `deadline_exceeded` error. None = the server's default (150 s, below OpenRLHF's 180 s).
+    deadline_ms: Optional[int] = Field(None, ge=1, le=3_600_000)
 
 
 class ItemError(BaseModel):

@@ -36,7 +36,7 @@ async def info(executor: ExecutorDep, shaping: ShapingDep):
     engine = executor.engine
     return InfoResponse(
         model=engine.model_info(),
-        components=[c.value for c in Component],
+        components=[c.value for c in Component if c is not Component.prefix or engine.model.reads_last_position],
         limits=engine.limits,
         shaping=shaping.info(),
         normalization=NORMALIZATION,

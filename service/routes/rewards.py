@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.deps import ExecutorDep, ShapingDep
 from tokencredit.types import DenseRewardsRequest, DenseRewardsResponse, ErrorResponse, ShapingInfo, Usage
@@ -15,7 +15,9 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}
 
 
 @router.post("/v1/dense_rewards", response_model=DenseRewardsResponse, responses=_ERRORS)
-async def dense_rewards(request: DenseRewardsRequest, executor: ExecutorDep, shaping: ShapingDep) -> DenseRewardsResponse:
+async def dense_rewards(
+    request: DenseRewardsRequest, executor: ExecutorDep, shaping: ShapingDep, http: Request
+) -> DenseRewardsResponse:
     """Explain the RM on each item and return one reward per policy token (Σ = score)."""
     started = time.perf_counter()
     if request.weights is not None:
@@ -23,6 +25,10 @@ async def dense_rewards(request: DenseRewardsRequest, executor: ExecutorDep, sha
     else:
         weights, info = shaping.weights, shaping.info()
     output = await executor.run(request, weights)
+    metrics = http.app.state.metrics
+    metrics.rm_rows.inc(output.rm_rows)
+    if not getattr(executor, "observes_batches", False):
+        metrics.batch_items.observe(len(request.items))  # embedded: each request is one engine batch
     return DenseRewardsResponse(
         model=executor.engine.model_info(),
         shaping=info,

@@ -1,0 +1,13 @@
+# Image for docker-compose.yml (api and worker run the same image with different commands).
+FROM python:3.11-slim
+WORKDIR /app
+# torch pinned; pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 for a GPU worker image.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}
+COPY client ./client
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY workers ./workers
+RUN pip install --no-cache-dir ./client .
+EXPOSE 8000
+CMD ["tokencredit-server", "serve", "--host", "0.0.0.0"]

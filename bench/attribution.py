@@ -1,0 +1,191 @@
+"""Attribution benchmark: rows, seconds and fidelity per method, against shap's default text explainer.
+
+    python bench/attribution.py [--quick] [--model DIR] [--responses N] [--no-bf16] [--no-kv] [--no-dedup]
+
+Every figure comes from this one run (the machine is noisy; compare ratios, not absolute times). Fidelity is
+Spearman correlation and top-5 overlap (by |value|) against a converged reference: Permutation SHAP with
+--ref-rows rows (≥ 20k in the full run) on the engine's evaluator. The last line is machine-readable:
+
+    summary: shap_speedup_vs_default=<x> shap_spearman=<y> shap_rows_per_token=<r> engine_over_forward=<z>
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from bench.causal_levers import causal_section  # noqa: E402
+from bench.recording import ForwardRecorder  # noqa: E402
+from bench.sweeps import bf16_drift, process_per_core, rows_for_fidelity  # noqa: E402
+from workers.evaluator import CoalitionEvaluator, RowCounter, set_torch_threads  # noqa: E402
+from workers.explainers import default_lime_samples, default_shap_rows, explain_lime, explain_loo, explain_shap  # noqa: E402
+from workers.model import RewardModel  # noqa: E402
+
+PROMPT = "Write a short review."
+SENTENCES = [
+    "The service was slow but the food was delicious and the staff were kind.",
+    "I waited two hours for a flight that was cancelled again, awful experience.",
+    "What a wonderful surprise to see my old friends at the concert last night!",
+    "The battery dies after an hour and the screen scratches far too easily.",
+    "Honestly the best coffee in town, and the pastries are fresh every morning.",
+    "Nothing worked as promised and support never answered my three emails.",
+]
+
+
+def response_of(model: RewardModel, tokens: int, offset: int) -> str:
+    """Real sentences, cut to exactly `tokens` RM tokens."""
+    text = " ".join(SENTENCES[offset % 6 :] + SENTENCES[: offset % 6]) * 3
+    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text[: enc["offset_mapping"][tokens - 1][1]]
+
+
+def top5(a: np.ndarray, b: np.ndarray) -> float:
+    return len(set(np.argsort(-np.abs(a))[:5]) & set(np.argsort(-np.abs(b))[:5])) / 5.0
+
+
+def shap_default(model: RewardModel, response: str) -> tuple[np.ndarray, float, int]:
+    """What a user gets from `shap.Explainer(f, shap.maskers.Text(tokenizer))` at its defaults (fp32 RM)."""
+    import shap
+    import torch
+
+    rows = [0]
+
+    def f(texts):
+        rows[0] += len(texts)
+        with torch.inference_mode():
+            enc = model.tokenizer([PROMPT] * len(texts), list(texts), padding=True, return_tensors="pt")
+            logits = model.model(**enc).logits.float()
+        return (logits[:, 1] - logits[:, 0]).double().numpy()
+
+    explainer = shap.Explainer(f, shap.maskers.Text(model.tokenizer))
+    start = time.perf_counter()
+    values = np.asarray(explainer([response], silent=True).values[0], dtype=np.float64)
+    return values, time.perf_counter() - start, rows[0]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--quick", action="store_true", help="1 response, smaller reference: under 2 minutes")
+    parser.add_argument("--responses", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--ref-rows", type=int, default=None)
+    parser.add_argument("--shap-rows-per-token", type=float, default=None, help="our shap budget (default: engine's)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 coalition rows")
+    parser.add_argument("--no-kv", action="store_true", help="no prompt KV reuse (causal section)")
+    parser.add_argument("--no-dedup", action="store_true", help="evaluate duplicate coalitions again")
+    args = parser.parse_args()
+    n_responses = args.responses or (1 if args.quick else 3)
+    ref_rows = args.ref_rows or (20 * 129 if args.quick else 160 * 129)
+    if args.model is None:
+        from workers.demo_model import ensure_demo_model
+
+        args.model = str(ensure_demo_model())
+    set_torch_threads(args.threads)
+    model = RewardModel.load(args.model, explain_dtype="float32" if args.no_bf16 else "auto")
+    evaluator = CoalitionEvaluator(model, dedup=not args.no_dedup)
+    T = args.tokens
+    shap_budget = int(round(args.shap_rows_per_token * T)) if args.shap_rows_per_token else default_shap_rows(T)
+
+    # Warm-up: numba JIT inside shap, lazy imports, first-call allocations (the service does this at start).
+    warm = model.encode(PROMPT, response_of(model, 16, 0))
+    explain_shap(lambda m: evaluator(warm, m), warm.n_tokens, max_rows=40)
+    explain_lime(lambda m: evaluator(warm, m), warm.n_tokens, num_samples=64)
+    shap_default(model, response_of(model, 8, 0))
+
+    results: dict[str, list] = {}
+    first_input, first_reference = None, None
+
+    def record(name, rows, seconds, values, reference, ratio=None):
+        rho = spearmanr(values, reference)[0] if values is not None else float("nan")
+        overlap = top5(values, reference) if values is not None else float("nan")
+        results.setdefault(name, []).append((rows, seconds, rho, overlap, ratio))
+
+    for r in range(n_responses):
+        response = response_of(model, T, r)
+        inp = model.encode(PROMPT, response)
+        assert inp.n_tokens == T, inp.n_tokens
+
+        def value_fn(masks, counter=None):
+            return evaluator(inp, masks, counter)
+
+        reference, ref_seconds = timed(lambda: explain_shap(value_fn, T, max_rows=ref_rows, seed=10_000 + r).values)
+        print(f"response {r}: reference {ref_rows} rows in {ref_seconds:.1f} s", file=sys.stderr)
+        if first_input is None:
+            first_input, first_reference = inp, reference
+
+        values, seconds, rows = shap_default(model, response)
+        aligned = values[1:-1] if len(values) == T + 2 else None  # drop [CLS]/[SEP], which shap also credits
+        record("shap default (Partition 500, fp32)", rows, seconds, aligned, reference)
+
+        recorder = ForwardRecorder(model)
+        counter = RowCounter()
+        with recorder:
+            ours, seconds = timed(lambda: explain_shap(lambda m: value_fn(m, counter), T, max_rows=shap_budget, seed=r).values)
+        record("shap (ours)", counter.rows, seconds, ours, reference, seconds / recorder.replay())
+
+        recorder = ForwardRecorder(model)
+        counter = RowCounter()
+        with recorder:
+            strat, seconds = timed(lambda: explain_shap(lambda m: value_fn(m, counter), T, estimator="stratified",
+                                                        max_rows=shap_budget, seed=r).values)
+        record("shap (ours, stratified estimator)", counter.rows, seconds, strat, reference, seconds / recorder.replay())
+
+        counter = RowCounter()
+        lime, seconds = timed(lambda: explain_lime(lambda m: value_fn(m, counter), T, seed=r).values)
+        record(f"lime ({default_lime_samples(T)} samples)", counter.rows, seconds, lime, reference)
+
+        counter = RowCounter()
+        loo, seconds = timed(lambda: explain_loo(lambda m: value_fn(m, counter), T).values)
+        record("loo", counter.rows, seconds, loo, reference)
+
+        attention, seconds = timed(lambda: evaluator.attention(inp))
+        record("attention (ABC)", 1, seconds, attention, reference)
+
+    print(f"\nmodel {model.name} ({model.kind}, rows in {model.explain_dtype}, dedup {'off' if args.no_dedup else 'on'}), "
+          f"{n_responses} response(s) of {T} tokens, reference {ref_rows} rows, {args.threads} torch thread(s)\n")
+    header = f"| {'method':<36} | {'rows/resp':>9} | {'s/resp':>7} | {'spearman':>8} | {'top-5':>5} | {'engine/forward':>14} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    means = {}
+    for name, rows in results.items():
+        a = np.array([[x if x is not None else np.nan for x in row] for row in rows], dtype=float)
+        m = np.nanmean(a, axis=0) if not np.all(np.isnan(a[:, 4])) else np.r_[np.nanmean(a[:, :4], axis=0), np.nan]
+        means[name] = m
+        ratio = "" if np.isnan(m[4]) else f"{m[4]:.3f}"
+        print(f"| {name:<36} | {m[0]:>9.0f} | {m[1]:>7.3f} | {m[2]:>8.3f} | {m[3]:>5.2f} | {ratio:>14} |")
+    default, ours = means["shap default (Partition 500, fp32)"], means["shap (ours)"]
+    speedup = default[1] / ours[1]
+    print(f"\nshap (ours) vs shap default: {speedup:.1f}x faster; spearman {ours[2]:.3f} vs {default[2]:.3f}; "
+          f"top-5 {ours[3]:.2f} vs {default[3]:.2f}")
+    jobs = [(PROMPT, response_of(model, T, r), shap_budget, r) for r in range(2 if args.quick else 6)]
+    parallel = process_per_core(args.model, jobs, processes=2)
+    print(f"shap (ours), one process per core (2 x 1 thread): {parallel:.3f} s per response "
+          f"-> {default[1] / parallel:.1f}x shap default's single-process time")
+    seeds = range(2) if args.quick else range(4)
+    rows_for_fidelity(lambda m: evaluator(first_input, m), T, first_reference, seeds, max_passes=3 if args.quick else 4)
+    bf16_drift(RewardModel.load(args.model, explain_dtype="float32"), model, first_input, shap_budget, 0)
+    causal_section(quick=args.quick, kv=not args.no_kv, bf16=not args.no_bf16)
+    print(f"summary: shap_speedup_vs_default={speedup:.2f} shap_spearman={ours[2]:.3f} "
+          f"shap_rows_per_token={ours[0] / T:.2f} engine_over_forward={ours[4]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

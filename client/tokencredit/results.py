@@ -1,0 +1,81 @@
+"""What `dense_rewards` returns: plain lists, with numpy / torch conversions on request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = ["DenseReward", "as_numpy", "as_torch"]
+
+
+@dataclass
+class DenseReward:
+    """Dense rewards of one item.
+
+    Attributes:
+        id (`str`): the item's id (the caller's, else its index in the call).
+        score (`float`): the reward model's sequence score R.
+        token_rewards (`list[float]`): one reward per policy token (per RM token when none were given); Σ = score.
+        spans (`list[tuple[int, int]]`): character spans into the response, one per reward.
+        coverage (`float`): share of the explained mass that landed on the token carrying it.
+        degraded (`bool`): True when the dense call failed and `on_error="fallback"` put the score on the last token.
+
+    Example:
+        >>> r = DenseReward(id="0", score=1.0, token_rewards=[0.25, 0.75])
+        >>> r.as_numpy().sum()
+        np.float64(1.0)
+    """
+
+    id: str
+    score: float
+    token_rewards: List[float]
+    spans: List[Tuple[int, int]] = field(default_factory=list)
+    coverage: float = 1.0
+    degraded: bool = False
+
+    def as_numpy(self, dtype="float64"):
+        import numpy as np
+
+        return np.asarray(self.token_rewards, dtype=dtype)
+
+    def as_torch(self, dtype=None, device=None):
+        import torch
+
+        return torch.tensor(self.token_rewards, dtype=dtype or torch.float32, device=device)
+
+
+def _rows(results: Sequence[Optional[DenseReward]], length: Optional[int]):
+    n = max([len(r.token_rewards) for r in results if r is not None] + [0]) if length is None else length
+    return n, [None if r is None else r.token_rewards[:n] for r in results]
+
+
+def as_numpy(results: Sequence[Optional[DenseReward]], length: Optional[int] = None, pad: float = 0.0,
+             missing: float = float("nan"), dtype="float32"):
+    """Stack results into a right-padded `(batch, length)` array.
+
+    Args:
+        results: Output of `dense_rewards`; a None (skipped item) becomes a row of `missing` (NaN by default,
+            never 0, so a failed item cannot pass for a neutral one).
+        length: Columns; defaults to the longest result. Longer results are cut (their sum changes: pad the
+            trainer's own tensor instead when that matters).
+        pad: Value after the end of each row.
+    """
+    import numpy as np
+
+    n, rows = _rows(results, length)
+    out = np.full((len(rows), n), pad, dtype=dtype)
+    for i, row in enumerate(rows):
+        if row is None:
+            out[i, :] = missing
+        else:
+            out[i, : len(row)] = row
+    return out
+
+
+def as_torch(results: Sequence[Optional[DenseReward]], length: Optional[int] = None, pad: float = 0.0,
+             missing: float = float("nan"), dtype=None, device=None):
+    """Like `as_numpy`, as a float32 torch tensor."""
+    import torch
+
+    array = as_numpy(results, length=length, pad=pad, missing=missing)
+    return torch.as_tensor(array, dtype=dtype or torch.float32, device=device)

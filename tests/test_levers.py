@@ -1,0 +1,102 @@
+"""Speed levers are exact or bounded: prompt KV reuse, bf16 rows, prefix scoring, device/dtype choice."""
+
+import numpy as np
+import pytest
+import torch
+
+from tokencredit.types import DenseRewardItem, DenseRewardsRequest, Limits, MethodsConfig, PrefixConfig, ShapingWeights
+from workers import model as model_module
+from workers.engine import Engine, InvalidField
+from workers.evaluator import CoalitionEvaluator
+from workers.model import RewardModel
+
+PROMPT = "Tell me about your weekend. It was a long one, with a lot going on."
+RESPONSE = "It was amazing, I had a great time 😀 with friends!"
+LIMITS = Limits(max_items=4, max_response_tokens=200, max_total_tokens=800, max_response_chars=2000)
+
+
+def _masks(n_tokens, rows=40, seed=0):
+    return np.random.default_rng(seed).random((rows, n_tokens)) < 0.6
+
+
+def test_prompt_kv_reuse_is_exact(causal_rm_dir):
+    reuse = RewardModel.load(causal_rm_dir, explain_dtype="float32", kv_reuse=True)
+    plain = RewardModel.load(causal_rm_dir, explain_dtype="float32", kv_reuse=False)
+    inp = reuse.encode(PROMPT, RESPONSE)
+    assert inp.response_positions[0] > 0  # there is a prompt to reuse
+    masks = _masks(inp.n_tokens)
+    a = CoalitionEvaluator(reuse, chunk_size=16)(inp, masks)
+    b = CoalitionEvaluator(plain, chunk_size=16)(inp, masks)
+    # The same arithmetic split differently (cached keys/values vs one pass): fp32 rounding only.
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_bf16_rows_drift_is_bounded_and_the_score_stays_fp32(encoder_rm_dir):
+    if not model_module.cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16; auto keeps fp32 rows here (tested below)")
+    fast = RewardModel.load(encoder_rm_dir, explain_dtype="bfloat16")
+    exact = RewardModel.load(encoder_rm_dir, explain_dtype="float32")
+    inp = fast.encode(PROMPT, RESPONSE)
+    masks = _masks(inp.n_tokens, rows=64)
+    a = CoalitionEvaluator(fast)(inp, masks)
+    b = CoalitionEvaluator(exact)(inp, masks)
+    spread = b.max() - b.min()
+    # bf16 keeps 8 mantissa bits (~0.4 % per operation). Measured max drift over 64 rows: 6.0 % of the score
+    # spread on this tiny encoder, 1.5 % on the tiny causal RM (the demo RM's figure is in bench/attribution.py);
+    # 15 % catches a broken cast (wrong dtype on a layer, fp16 overflow), not rounding.
+    assert np.abs(a - b).max() <= 0.15 * spread
+    assert np.corrcoef(a, b)[0, 1] > 0.99
+    # The sequence score R is never computed in bf16: conservation is against the exact score.
+    assert CoalitionEvaluator(fast).score(inp) == CoalitionEvaluator(exact).score(inp)
+
+
+def test_prefix_scores_telescope_to_the_sequence_score(causal_rm):
+    inp = causal_rm.encode(PROMPT, RESPONSE)
+    prefix = causal_rm.prefix_scores(inp)
+    assert len(prefix) == inp.n_tokens + 1
+    assert prefix[-1] == pytest.approx(CoalitionEvaluator(causal_rm).score(inp), abs=1e-5)
+    # Entry t is the score of the sequence cut after response token t.
+    for t in (1, inp.n_tokens // 2):
+        ids = torch.tensor([list(inp.input_ids[: inp.response_positions[0] + t])])
+        with torch.inference_mode():
+            hidden = causal_rm.model.base_model(input_ids=ids).last_hidden_state
+            expected = float(causal_rm.model.score(hidden[:, -1])[0, 0])
+        assert prefix[t] == pytest.approx(expected, abs=1e-5)
+
+
+def test_prefix_component_conserves_and_is_refused_for_encoders(causal_rm, encoder_rm):
+    weights = ShapingWeights(sparse=0.3, prefix=0.7)
+    request = DenseRewardsRequest(items=[DenseRewardItem(prompt=PROMPT, response=RESPONSE)], weights=weights)
+    result = Engine(causal_rm, LIMITS).run(request, weights).results[0]
+    assert result.error is None
+    assert abs(sum(result.token_rewards) - result.score) <= 1e-9 * max(1.0, abs(result.score))
+    with pytest.raises(InvalidField) as info:
+        Engine(encoder_rm, LIMITS).prepare(request)
+    assert info.value.field == "weights.prefix"
+    methods_only = DenseRewardsRequest(items=request.items, methods=MethodsConfig(prefix=PrefixConfig()))
+    with pytest.raises(InvalidField) as info:
+        Engine(encoder_rm, LIMITS).prepare(methods_only)
+    assert info.value.field == "methods.prefix"
+
+
+def test_device_and_precision_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_module.pick_device("auto") == "cuda"
+    assert model_module.pick_dtype("auto", "cuda") == "bfloat16"
+    assert model_module.pick_explain_dtype("auto", "cuda", "bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_module.pick_device("auto") == "cpu"
+    assert model_module.pick_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(model_module, "cpu_has_fast_bf16", lambda: False)
+    assert model_module.pick_explain_dtype("auto", "cpu", "float32") == "float32"
+    monkeypatch.setattr(model_module, "cpu_has_fast_bf16", lambda: True)
+    assert model_module.pick_explain_dtype("auto", "cpu", "float32") == "bfloat16"
+    assert model_module.pick_explain_dtype("float32", "cpu", "float32") == "float32"
+    with pytest.raises(model_module.ModelLoadError):
+        model_module.pick_explain_dtype("int4", "cpu", "float32")
+
+
+def test_chunk_size_follows_the_device(encoder_rm):
+    assert CoalitionEvaluator(encoder_rm).chunk_size == 64
+    gpu_like = type("M", (), {"device": "cuda:0"})()
+    assert CoalitionEvaluator(gpu_like).chunk_size == 256

@@ -1,0 +1,139 @@
+"""The worker side: one task explains a micro-batch of items and writes each result under its item id.
+
+Payload (built by `service/dispatch.py`):
+    {"reply_to": key, "prefix": str, "revision": str, "deadline": unix seconds, "cache_ttl": s,
+     "groups": [{"request": {request fields but items/weights}, "weights": {...},
+                 "items": [{"uid": str, "cache_key": str | None, "item": {...}}]}]}
+
+Each item is explained as its own one-item request: the engine seeds every item's explainers and evaluates each
+item's rows on their own, so the numbers are bit-identical to the embedded path whatever the batch holds. A
+redelivered task skips the items another delivery already wrote (SET NX), so an item is answered exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from workers.celery_app import TASK_NAME, keys
+
+__all__ = ["register", "load_engine"]
+
+log = logging.getLogger("tokencredit.worker")
+
+_settings = None
+_engine = None
+_redis = None
+_lock = threading.Lock()
+
+
+def load_engine():
+    """The process's engine, loaded on first use (after fork/start, never in a parent process)."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            # Exactly the embedded path's loader (dtype, explain dtype, torch threads, warm-up): the two paths must
+            # give bit-identical numbers, and one loader cannot drift from another.
+            from service.executor import EmbeddedExecutor
+
+            started = time.perf_counter()
+            embedded = EmbeddedExecutor(_settings)
+            try:
+                embedded._load()
+            finally:
+                embedded.shutdown()
+            _engine = embedded.engine
+            m = _engine.model
+            log.info("worker %d: %s (%s, %s) ready in %.1f s", os.getpid(), m.name, m.device, m.dtype,
+                     time.perf_counter() - started)
+    return _engine
+
+
+def _client():
+    global _redis
+    if _redis is None:
+        import redis
+
+        _redis = redis.Redis.from_url(_settings.broker_url, socket_timeout=5, socket_connect_timeout=2,
+                                      health_check_interval=10)
+    return _redis
+
+
+def _error(code: str, message: str, retryable: bool) -> dict:
+    return {"result": {"id": "", "error": {"code": code, "message": message, "retryable": retryable}}, "rm_rows": 0}
+
+
+def _explain_one(engine, group: dict, entry: dict, revision: str) -> dict:
+    from tokencredit.types import DenseRewardsRequest, ShapingWeights
+
+    if revision and revision != engine.model.revision:
+        return _error("model_mismatch", f"worker serves revision {engine.model.revision}, the API validated for {revision}", False)
+    request = DenseRewardsRequest.model_validate({**group["request"], "items": [entry["item"]]})
+    weights = ShapingWeights.model_validate(group["weights"])
+    out = engine.run(request, weights)
+    result = out.results[0].model_dump(mode="json")
+    return {"result": result, "rm_rows": out.rm_rows, "device": engine.model.device, "dtype": engine.model.dtype}
+
+
+def explain_batch(task, payload: dict) -> int:
+    """Explain every not-yet-answered item of the payload; returns how many this delivery computed."""
+    r = _client()
+    prefix = payload["prefix"]
+    task_id = task.request.id
+    if not r.set(keys.started(prefix, task_id), os.getpid(), nx=True, ex=3600):
+        # Another delivery started this task and never finished it: its worker died.
+        r.incr(keys.stat(prefix, "redeliveries"))
+        log.warning("task %s redelivered to worker %d", task_id, os.getpid())
+    engine = load_engine()
+    computed = 0
+    ttl = int(payload.get("cache_ttl") or 0)
+    for group in payload["groups"]:
+        for entry in group["items"]:
+            item_key = keys.item(prefix, entry["uid"])
+            if r.exists(item_key):
+                continue  # answered by an earlier delivery
+            if time.time() > entry.get("deadline", payload["deadline"]):
+                out = _error("deadline_exceeded", "the request's deadline passed before a worker reached this item", True)
+            else:
+                try:
+                    out = _explain_one(engine, group, entry, payload.get("revision", ""))
+                except Exception as exc:  # e.g. a policy tokenizer the API could read and this host cannot
+                    log.exception("item %s failed", entry["uid"])
+                    out = _error("explain_failed", f"{type(exc).__name__}: {exc}", False)
+                computed += 1
+            blob = json.dumps(out)
+            # First write wins: a concurrent or later delivery can never replace an answer already visible.
+            r.set(item_key, blob, nx=True, ex=max(60, int(payload["deadline"] - time.time()) + 60))
+            if entry.get("cache_key") and ttl > 0 and out["result"].get("error") is None:
+                r.set(keys.cache(prefix, entry["cache_key"]), blob, ex=ttl)
+    r.rpush(payload["reply_to"], task_id)
+    r.expire(payload["reply_to"], 3600)
+    return computed
+
+
+def register(app, settings, solo: bool = True) -> None:
+    """Bind the task to `app` for this worker process's settings; `solo`: the process itself runs tasks."""
+    global _settings
+    _settings = settings
+    import redis
+
+    app.task(
+        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+        # Redis blips while writing results: retry the whole (idempotent) task rather than lose it.
+        autoretry_for=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+        retry_backoff=True, retry_backoff_max=5, max_retries=20,
+    )(explain_batch)
+
+    from celery import signals
+
+    @signals.worker_process_init.connect(weak=False)
+    def _prefork_child(**_):
+        load_engine()  # prefork pool: each child loads its own model after the fork
+
+    @signals.worker_ready.connect(weak=False)
+    def _solo_ready(**_):
+        if solo:
+            load_engine()  # solo pool: load before the first task so it does not pay the load
