@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokencredit.types import Limits, ShapingWeights
@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     cache_ttl_s: int = 3600
     # A task unacked this long (its worker died) is redelivered; results are idempotent so early redelivery is safe.
     visibility_timeout_s: float = 60.0
-    # Initial shaping weights, as JSON: {"sparse": 0.2, "shap": 0.8}.
+    # Admin API (/admin/v1/*) bearer token; unset = the admin API answers 403. A SecretStr so it never reaches logs.
+    admin_token: Optional[SecretStr] = None
+    # SQLite file of the shaping-weight versions (embedded default; with a broker they live in Redis).
+    # None = <cache dir>/shaping.sqlite3.
+    state_db: Optional[str] = None
+    # Initial shaping weights (version 1 of an empty store), as JSON: {"sparse": 0.2, "shap": 0.8}.
     weights: str = DEFAULT_WEIGHTS.model_dump_json()
 
     @field_validator("weights")

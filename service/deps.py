@@ -21,8 +21,9 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_shaping(request: Request) -> ShapingState:
-    return request.app.state.shaping
+async def get_shaping(request: Request) -> ShapingState:
+    # A snapshot of the current version from the durable store (service.shaping_store), cheap per request.
+    return await request.app.state.shaping.current()
 
 
 ExecutorDep = Annotated[EmbeddedExecutor, Depends(get_executor)]

@@ -14,8 +14,9 @@ from service.config import Settings
 from service.errors import error_response, install_error_handlers
 from service.executor import EmbeddedExecutor
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import compat, health, metrics, rewards
+from service.routes import admin, compat, health, metrics, rewards
 from service.shaping_state import ShapingState
+from service.shaping_store import make_store
 
 __all__ = ["create_app"]
 
@@ -91,14 +92,17 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
     app.state.settings = settings
     app.state.executor = executor
     app.state.metrics = app_metrics
-    app.state.shaping = ShapingState(weights=settings.shaping_weights())
+    # Durable, versioned weights (SQLite file embedded, Redis with a broker); nothing is opened before first use.
+    app.state.shaping = ShapingState(weights=settings.shaping_weights(), store=make_store(settings))
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     # Outermost, so 413s from BodyLimit and error-handler answers are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app_metrics)
     install_error_handlers(app)
+    app.add_exception_handler(admin.AdminError, admin.handle_admin_error)
     app.include_router(health.router)
     app.include_router(rewards.router)
     app.include_router(metrics.router)
     app.include_router(compat.router)
+    app.include_router(admin.router)
     return app

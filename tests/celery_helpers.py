@@ -37,6 +37,7 @@ def unique_names(tag: str) -> dict:
 def _env(broker: str, **settings) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), TOKENCREDIT_BROKER_URL=broker)
+    env["TOKENCREDIT_STATE_DB"] = os.environ["TOKENCREDIT_STATE_DB"]  # the tests' own file (conftest)
     # Warm-up is shap's numba JIT (~20 s on 2 cores); these tests use shap-free weights.
     env["TOKENCREDIT_WARMUP"] = "false"
     env.update({f"TOKENCREDIT_{k.upper()}": str(v) for k, v in settings.items()})

@@ -6,6 +6,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Shaping versions are durable (SQLite in the user's cache by default): tests and the servers they spawn get
+# their own file, so no test reads or leaves a version in ~/.cache/tokencredit.
+import tempfile  # noqa: E402
+
+os.environ["TOKENCREDIT_STATE_DB"] = os.path.join(tempfile.mkdtemp(prefix="tokencredit-tests-"), "shaping.sqlite3")
 
 import pytest
 

@@ -55,8 +55,9 @@ def servers(encoder_rm_dir, causal_rm_dir, tmp_path_factory):
     """
     logs = tmp_path_factory.mktemp("srv")
     spawned = {
-        "encoder": _spawn(encoder_rm_dir, logs / "encoder.log"),
-        "causal": _spawn(causal_rm_dir, logs / "causal.log", host=None, warmup="false"),
+        # Own shaping-version stores (not ~/.cache/tokencredit/shaping.sqlite3): these tests expect version 1.
+        "encoder": _spawn(encoder_rm_dir, logs / "encoder.log", state_db=logs / "encoder.sqlite3"),
+        "causal": _spawn(causal_rm_dir, logs / "causal.log", host=None, warmup="false", state_db=logs / "causal.sqlite3"),
     }
     try:
         for proc, url, _, log_path in spawned.values():

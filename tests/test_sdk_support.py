@@ -46,6 +46,7 @@ def live_server(model_dir, log_dir: Path) -> str:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
         env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), TOKENCREDIT_WARMUP="false")
+        env["TOKENCREDIT_STATE_DB"] = os.environ["TOKENCREDIT_STATE_DB"]  # the tests' own file (conftest)
         env.update({f"TOKENCREDIT_{k.upper()}": str(v) for k, v in LIMITS.items()})
         log_path = Path(log_dir) / "sdk-server.log"
         cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",

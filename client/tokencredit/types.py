@@ -207,6 +207,8 @@ class DenseRewardsRequest(_Strict):
     policy_tokenizer: Optional[str] = None
     # Explicit simplex weights for this request, overriding the server's current ones.
     weights: Optional[ShapingWeights] = None
+    # Use this stored version of the server's shaping weights (admin API) instead of the current one.
+    shaping_version: Optional[int] = Field(None, ge=1)
     # Per-explainer budget and seed.
     methods: Optional[MethodsConfig] = None
     # Also return each component's own per-token rewards (each sums to the score).

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from service.deps import ExecutorDep, ShapingDep
 from tokencredit.types import DenseRewardsRequest, DenseRewardsResponse, ErrorResponse, ShapingInfo, Usage
+from workers.engine import InvalidField
 
 router = APIRouter(tags=["rewards"])
 
@@ -20,8 +21,15 @@ async def dense_rewards(
 ) -> DenseRewardsResponse:
     """Explain the RM on each item and return one reward per policy token (Σ = score)."""
     started = time.perf_counter()
+    if request.weights is not None and request.shaping_version is not None:
+        raise InvalidField("shaping_version", "give either weights or shaping_version, not both")
     if request.weights is not None:
         weights, info = request.weights, ShapingInfo(version=None, weights=request.weights.as_dict())
+    elif request.shaping_version is not None:
+        pinned = await http.app.state.shaping.pinned(request.shaping_version)
+        if pinned is None:
+            raise InvalidField("shaping_version", f"unknown shaping version {request.shaping_version} (current: {shaping.version})")
+        weights, info = pinned.weights, pinned.info()
     else:
         weights, info = shaping.weights, shaping.info()
     output = await executor.run(request, weights)

@@ -1,0 +1,124 @@
+"""Admin API: versioned shaping weights (`/admin/v1/shaping`), behind a bearer token (`TOKENCREDIT_ADMIN_TOKEN`).
+
+PUT is optimistic concurrency: `If-Match: "v<version>"` (the GET's ETag) or 428; a stale ETag answers 412 and
+nothing is written (the store's compare-and-set is atomic, so of two writers with the same ETag exactly one wins).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import List, Optional
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import error_response
+from service.shaping_store import ShapingRecord, StaleVersion
+from tokencredit.types import ErrorResponse, ShapingWeights
+
+__all__ = ["router", "AdminError", "handle_admin_error"]
+
+_bearer = HTTPBearer(auto_error=False, description="TOKENCREDIT_ADMIN_TOKEN")
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: Optional[str] = None, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+async def handle_admin_error(request: Request, exc: AdminError):
+    return error_response(exc.status, exc.code, exc.message, field=exc.field, headers=exc.headers)
+
+
+def require_admin(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+    token = request.app.state.settings.admin_token
+    if token is None or not token.get_secret_value():
+        raise AdminError(403, "admin_disabled", "the admin API is disabled: set TOKENCREDIT_ADMIN_TOKEN to enable it")
+    given = credentials.credentials if credentials is not None else ""
+    # Constant time; neither token ever goes into a message or a log line.
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise AdminError(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 412, 422, 428, 503)}
+router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)], responses=_ERRORS)
+
+
+class ShapingVersion(BaseModel):
+    version: int
+    weights: dict[str, float]
+    updated_at: str
+    updated_by: Optional[str] = None
+
+
+class ShapingHistory(BaseModel):
+    versions: List[ShapingVersion]
+
+
+class ShapingUpdate(BaseModel):
+    """Body of `PUT /admin/v1/shaping`: new simplex weights (validated like a request's weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: ShapingWeights
+    updated_by: Optional[str] = Field(None, max_length=200)
+
+
+def _etag(version: int) -> str:
+    return f'"v{version}"'
+
+
+def _parse_if_match(value: str) -> Optional[int]:
+    """'"v3"' (or W/"v3", v3) → 3; '*' → -1; anything else → None."""
+    for part in value.split(","):
+        tag = part.strip().removeprefix("W/").strip('"')
+        if tag == "*":
+            return -1
+        if tag.startswith("v") and tag[1:].isdigit():
+            return int(tag[1:])
+    return None
+
+
+def _answer(record: ShapingRecord, response: Response) -> ShapingVersion:
+    response.headers["ETag"] = _etag(record.version)
+    return ShapingVersion(**record.as_dict())
+
+
+@router.get("/shaping", response_model=ShapingVersion)
+async def get_shaping(request: Request, response: Response) -> ShapingVersion:
+    """The current shaping weights, their version (also as the ETag), when and by whom they were set."""
+    return _answer(await run_in_threadpool(request.app.state.shaping.store.current), response)
+
+
+@router.put("/shaping", response_model=ShapingVersion)
+async def put_shaping(
+    update: ShapingUpdate, request: Request, response: Response, if_match: Optional[str] = Header(None)
+) -> ShapingVersion:
+    """New weights as a new version, if `If-Match` holds the current ETag (412 if stale, 428 if absent)."""
+    if not if_match:
+        raise AdminError(428, "precondition_required", 'If-Match is required: send the ETag of GET /admin/v1/shaping (e.g. "v3")', field="If-Match")
+    expected = _parse_if_match(if_match)
+    if expected is None:
+        raise AdminError(412, "precondition_failed", f'If-Match {if_match!r} is not an ETag of the form "v<version>"', field="If-Match")
+    state = request.app.state.shaping
+    store = state.store
+    try:
+        if expected == -1:
+            expected = (await run_in_threadpool(store.current)).version
+        record = await run_in_threadpool(store.put, update.weights, expected, update.updated_by)
+    except StaleVersion as exc:
+        raise AdminError(
+            412, "precondition_failed", f"stale ETag {if_match}: the current version is {exc.current}; GET it and retry",
+            field="If-Match", headers={"ETag": _etag(exc.current)},
+        ) from None
+    state._adopt(record)
+    return _answer(record, response)
+
+
+@router.get("/shaping/history", response_model=ShapingHistory)
+async def shaping_history(request: Request) -> ShapingHistory:
+    """Every version, oldest first, with who set it and when."""
+    records = await run_in_threadpool(request.app.state.shaping.store.history)
+    return ShapingHistory(versions=[ShapingVersion(**r.as_dict()) for r in records])
