@@ -9,6 +9,7 @@ disk or Redis until the first call (rendering the OpenAPI schema builds the app 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Dict, List, Optional
 from tokencredit.types import ShapingWeights
 
 __all__ = ["ShapingRecord", "ShapingStore", "SqliteShapingStore", "RedisShapingStore", "StaleVersion", "make_store"]
+
+log = logging.getLogger("tokencredit.shaping")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,18 @@ class ShapingStore:
         """Store `weights` as version expected_version + 1 if the current version is expected_version, else StaleVersion."""
         raise NotImplementedError
 
+    def _note_existing(self, record: Optional[ShapingRecord]) -> None:
+        """Once per process: say so when the durable store overrides the configured initial weights."""
+        if getattr(self, "_noted", False) or record is None:
+            return
+        self._noted = True
+        if record.shaping_weights().as_dict() != self.initial.as_dict():
+            log.warning(
+                "shaping version %d from the durable store is in use; the configured initial weights "
+                "(TOKENCREDIT_WEIGHTS) apply only to an empty store: change weights with PUT /admin/v1/shaping",
+                record.version,
+            )
+
     def _seed(self) -> None:
         try:
             self.put(self.initial, 0, "initial settings")
@@ -103,7 +118,9 @@ class SqliteShapingStore(ShapingStore):
             finally:
                 db.close()
             self._ready = True
-        if self._read_current() is None:
+        existing = self._read_current()
+        self._note_existing(existing)
+        if existing is None:
             self._seed()
 
     @staticmethod
@@ -227,9 +244,12 @@ class RedisShapingStore(ShapingStore):
     def current(self) -> ShapingRecord:
         raw = self._call(self.client.get, self.current_key)  # one GET per request; the record itself is cached
         if raw is None:
+            self._noted = True  # nothing stored before this process: the configured weights become version 1
             self._seed()
             raw = self._call(self.client.get, self.current_key)
-        return self.get(int(raw))
+        record = self.get(int(raw))
+        self._note_existing(record)
+        return record
 
     def history(self) -> List[ShapingRecord]:
         if self._call(self.client.get, self.current_key) is None:

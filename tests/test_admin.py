@@ -248,3 +248,18 @@ def test_broker_mode_uses_redis():
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def test_store_says_when_it_overrides_the_configured_weights(tmp_path, caplog):
+    import logging
+
+    from service.shaping_store import SqliteShapingStore
+    from tokencredit.types import ShapingWeights
+
+    path = tmp_path / "state.sqlite3"
+    with caplog.at_level(logging.WARNING, logger="tokencredit.shaping"):
+        assert SqliteShapingStore(path, ShapingWeights(sparse=1.0)).current().version == 1
+        assert not caplog.records  # an empty store simply takes the configured weights
+        restarted = SqliteShapingStore(path, ShapingWeights(shap=1.0))
+        assert restarted.current().shaping_weights().sparse == 1.0  # durable: the stored version wins
+    assert any("TOKENCREDIT_WEIGHTS" in r.getMessage() for r in caplog.records)
