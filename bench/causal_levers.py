@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _build(out: Path, prompt_tokens: int) -> Path:
-    from tests.tiny_models import CORPUS, _bytelevel_bpe_tokenizer  # the same offline tokenizer recipe
+def _build(out: Path) -> Path:
+    from tests.tiny_models import _bytelevel_bpe_tokenizer  # the same offline tokenizer recipe
     from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=_bytelevel_bpe_tokenizer(vocab_size=2000),
@@ -34,7 +34,7 @@ def causal_section(quick: bool, kv: bool, bf16: bool) -> None:
     prompt_words = 160 if quick else 320
     rows = 64 if quick else 128
     with tempfile.TemporaryDirectory() as tmp:
-        path = _build(Path(tmp), prompt_words)
+        path = _build(Path(tmp))
         dtype = "auto" if bf16 else "float32"
         fast = RewardModel.load(path, explain_dtype=dtype, kv_reuse=kv)
         plain = RewardModel.load(path, explain_dtype=dtype, kv_reuse=False)

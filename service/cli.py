@@ -104,10 +104,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     set_torch_threads(settings.torch_threads)
-    model = RewardModel.load(settings.model, device=settings.device, dtype=settings.dtype, kind=settings.rm_kind,
-                             positive_label=settings.positive_label, negative_label=settings.negative_label,
-                             mask_token=settings.mask_token, explain_dtype=settings.explain_dtype,
-                             kv_reuse=settings.kv_reuse)
+    model = RewardModel.load(settings.model, **settings.model_kwargs())
     weights = ShapingWeights.model_validate(json.loads(args.weights)) if args.weights else settings.shaping_weights()
     request = DenseRewardsRequest(items=[DenseRewardItem(prompt=args.prompt, response=args.response)], weights=weights)
     output = Engine(model, settings.limits()).run(request, weights)

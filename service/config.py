@@ -80,6 +80,19 @@ class Settings(BaseSettings):
     def shaping_weights(self) -> ShapingWeights:
         return ShapingWeights.model_validate(json.loads(self.weights))
 
+    def model_kwargs(self) -> dict:
+        """Arguments of `RewardModel.load` from these settings (one place for the service, workers and the CLI)."""
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "kind": self.rm_kind,
+            "positive_label": self.positive_label,
+            "negative_label": self.negative_label,
+            "mask_token": self.mask_token,
+            "explain_dtype": self.explain_dtype,
+            "kv_reuse": self.kv_reuse,
+        }
+
     def limits(self) -> Limits:
         return Limits(
             max_items=self.max_items,

@@ -31,6 +31,7 @@ from service.executor import NotReady, Overloaded, Unavailable
 from tokencredit.types import Component, DenseRewardsRequest, ItemResult, ShapingWeights
 from workers.celery_app import TASK_NAME, keys, make_celery
 from workers.engine import Engine, EngineOutput
+from workers.explainers import default_lime_samples, default_shap_rows
 
 __all__ = ["CeleryExecutor", "BrokerUnavailable", "MicroBatcher", "load_validator", "estimate_rows"]
 
@@ -43,38 +44,10 @@ class BrokerUnavailable(Unavailable):
 
 def load_validator(settings):
     """A `RewardModel` with the RM's tokenizer and layout but no weights: enough for `Engine.prepare`."""
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from workers.model import RewardModel
 
-    from workers.model import ModelLoadError, RewardModel, ScoreSpec, _fingerprint, pick_device, pick_dtype
-    from pathlib import Path
-
-    root = Path(settings.model).expanduser()
-    if not (root / "config.json").is_file():
-        raise ModelLoadError(f"{root} is not a model directory (no config.json); pass --model DIR of a saved model")
-    config = AutoConfig.from_pretrained(root)
-    kind = settings.rm_kind
-    if kind == "auto":  # the same rule as RewardModel.load
-        t = config.model_type
-        kind = "causal" if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "encoder"
-    tokenizer = AutoTokenizer.from_pretrained(root)
-    limit = getattr(config, "max_position_embeddings", None) or 512
-    model_max = getattr(tokenizer, "model_max_length", limit) or limit
-    limit = min(limit, model_max) if model_max < 1e9 else limit
-    # The network on torch's meta device: its structure (which heads it has, e.g. `score` for
-    # `reads_last_position`) without a byte of weights.
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(config)
     # Device/dtype are the workers' (reported back with results); until then, what a worker here would pick.
-    device = pick_device(settings.device)
-    return RewardModel(
-        path=root, name=root.name, revision=_fingerprint(root), kind=kind, tokenizer=tokenizer, model=skeleton,
-        device=device, dtype=pick_dtype(settings.dtype, device), score_spec=ScoreSpec(0), mask_token_id=-1,
-        max_length=int(limit),
-    )
+    return RewardModel.load(settings.model, **settings.model_kwargs(), load_weights=False)
 
 
 def estimate_rows(n_tokens: int, request: DenseRewardsRequest, components: List[Component]) -> int:
@@ -87,9 +60,9 @@ def estimate_rows(n_tokens: int, request: DenseRewardsRequest, components: List[
         elif c is Component.loo:
             rows += n_tokens + 1
         elif c is Component.shap:
-            rows += (m.shap.max_rows if m and m.shap and m.shap.max_rows else 8 * n_tokens)
+            rows += m.shap.max_rows if m and m.shap and m.shap.max_rows else default_shap_rows(n_tokens)
         elif c is Component.lime:
-            rows += (m.lime.num_samples if m and m.lime and m.lime.num_samples else max(64, 8 * n_tokens))
+            rows += m.lime.num_samples if m and m.lime and m.lime.num_samples else default_lime_samples(n_tokens)
     return rows
 
 

@@ -61,17 +61,7 @@ class EmbeddedExecutor:
         started = time.perf_counter()
         set_torch_threads(s.torch_threads)
         try:
-            model = RewardModel.load(
-                s.model,
-                device=s.device,
-                dtype=s.dtype,
-                kind=s.rm_kind,
-                positive_label=s.positive_label,
-                negative_label=s.negative_label,
-                mask_token=s.mask_token,
-                explain_dtype=s.explain_dtype,
-                kv_reuse=s.kv_reuse,
-            )
+            model = RewardModel.load(s.model, **s.model_kwargs())
             if s.shaping_weights().prefix > 0 and not model.reads_last_position:
                 raise ValueError("TOKENCREDIT_WEIGHTS gives the prefix component a weight, but it needs a causal RM")
             engine = Engine(model, s.limits(), chunk_size=s.chunk_size)

@@ -32,8 +32,9 @@ class ShapingState:
         """The current version (SQLite: cached in memory; Redis: one GET of the current version number)."""
         if self.store is None:
             return ShapingState(weights=self.weights, version=self.version)
-        call = run_in_threadpool if self.store.remote else (lambda fn: _now(fn))
-        return self._adopt(await call(self.store.current))
+        # A remote store does I/O (off the event loop); the SQLite store answers from memory.
+        record = await run_in_threadpool(self.store.current) if self.store.remote else self.store.current()
+        return self._adopt(record)
 
     async def pinned(self, version: int) -> Optional["ShapingState"]:
         """A given version, or None if it does not exist."""
@@ -41,7 +42,3 @@ class ShapingState:
             return self if version == self.version else None
         record = await run_in_threadpool(self.store.get, version)
         return None if record is None else ShapingState(weights=record.shaping_weights(), version=record.version)
-
-
-async def _now(fn):
-    return fn()

@@ -113,6 +113,18 @@ def test_bad_input_never_reaches_a_worker(cluster):
     assert after == before
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _busy(pid: int, window: float = 0.1) -> bool:
+    """The process used at least half a core over the window: it is running a task, not waiting for one."""
+    before = _cpu_seconds(pid)
+    time.sleep(window)
+    return _cpu_seconds(pid) - before >= window / 2
+
+
 def test_sigkill_a_worker_mid_run(cluster, engine):
     """40 concurrent requests; one worker is SIGKILLed mid-batch; every request is answered once, exactly."""
     url = cluster["url"]
@@ -130,10 +142,13 @@ def test_sigkill_a_worker_mid_run(cluster, engine):
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=40) as pool:
         futures = [pool.submit(post, b) for b in bodies]
-        # Kill once the run is clearly under way (first answers back), while both workers hold tasks.
+        # Kill once the run is clearly under way (first answers back), at a moment the victim is computing
+        # (its CPU time advances), so it dies mid-task rather than between tasks.
         while not done_times and time.monotonic() - started < 30:
             time.sleep(0.05)
         victim = cluster["workers"][0]
+        while not _busy(victim.pid) and time.monotonic() - started < 60:
+            pass
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         responses = [f.result() for f in futures]

@@ -37,10 +37,12 @@ def test_only_response_tokens_are_replaced_and_lengths_never_change(rm, monkeypa
     original = rm.scores
 
     def spy(ids, types, low_precision=False, cache=None):
+        full = ids
         if cache is not None:  # causal KV reuse: only the response columns run, the prompt comes from the cache
-            ids = np.concatenate([np.broadcast_to(inp.input_ids[: inp.response_positions[0]], (len(ids), inp.response_positions[0])), ids], axis=1)
-        seen.append(ids.copy())
-        return original(ids[:, -ids.shape[1] + (inp.response_positions[0] if cache is not None else 0):], types, low_precision, cache)
+            prefix = inp.input_ids[: inp.response_positions[0]]
+            full = np.concatenate([np.broadcast_to(prefix, (len(ids), len(prefix))), ids], axis=1)
+        seen.append(full.copy())
+        return original(ids, types, low_precision, cache)
 
     monkeypatch.setattr(rm, "scores", spy)
     masks = np.random.default_rng(0).random((10, inp.n_tokens)) < 0.5

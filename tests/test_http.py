@@ -43,9 +43,6 @@ def _spawn(model_dir, log_path: Path, host: str | None = "127.0.0.1", **env_extr
     return proc, f"http://127.0.0.1:{port}", port, log_path
 
 
-_wait_ready = wait_ready  # one readiness poll for every spawned server
-
-
 @pytest.fixture(scope="module")
 def servers(encoder_rm_dir, causal_rm_dir, tmp_path_factory):
     """Both servers start at once. The encoder server binds --host 127.0.0.1 and warms up (the deployed path).
@@ -61,7 +58,7 @@ def servers(encoder_rm_dir, causal_rm_dir, tmp_path_factory):
     }
     try:
         for proc, url, _, log_path in spawned.values():
-            _wait_ready(proc, url, log_path)
+            wait_ready(proc, url, log_path)
         yield {name: (url, port) for name, (_, url, port, _) in spawned.items()}
     finally:
         for proc, *_ in spawned.values():

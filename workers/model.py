@@ -177,6 +177,7 @@ class RewardModel:
         max_length: Optional[int] = None,
         explain_dtype: str = "auto",
         kv_reuse: bool = True,
+        load_weights: bool = True,
     ) -> "RewardModel":
         """Load an `AutoModelForSequenceClassification` directory.
 
@@ -190,6 +191,9 @@ class RewardModel:
             max_length: cap on RM input length; default the model's position limit.
             explain_dtype: precision of coalition rows: "auto", "float32", "bfloat16", "float16".
             kv_reuse: compute a causal RM's prompt once per explanation and reuse its KV cache.
+            load_weights: False builds the network on torch's meta device (structure, no weights): enough for
+                validation and layout (`Engine.prepare`) in a process that never runs the RM, such as the API
+                in front of Celery workers.
 
         Raises:
             ModelLoadError: the directory is missing, not a sequence classifier, or has no usable tokenizer.
@@ -217,11 +221,15 @@ class RewardModel:
             raise ModelLoadError(f"{root} has no fast tokenizer (tokenizer.json); offsets are needed for alignment")
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        # Eager attention so that the attention explainer can read attention weights from the same model.
-        model = AutoModelForSequenceClassification.from_pretrained(
-            root, dtype=getattr(torch, dtype), attn_implementation="eager"
-        )
-        model.to(device).eval()
+        if load_weights:
+            # Eager attention so that the attention explainer can read attention weights from the same model.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                root, dtype=getattr(torch, dtype), attn_implementation="eager"
+            )
+            model.to(device).eval()
+        else:
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config)
         spec = _resolve_score_spec(config, positive_label, negative_label)
         if mask_token is not None:
             mask_id = tokenizer.convert_tokens_to_ids(mask_token)
@@ -242,7 +250,7 @@ class RewardModel:
             meta = json.loads((root / "tokencredit_demo.json").read_text())
         explain_dtype = pick_explain_dtype(explain_dtype, device, dtype)
         row_model = model
-        if explain_dtype != dtype:
+        if explain_dtype != dtype and load_weights:
             row_model = copy.deepcopy(model).to(getattr(torch, explain_dtype)).eval()
         return cls(
             path=root,

@@ -20,6 +20,7 @@ import os
 import threading
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from tokencredit.adapters import lazy_classes
 from tokencredit.client import Client
 
 __all__ = ["reward_func", "place_token_rewards", "dense_compute_reward", "response_of", "AgentExecutor"]
@@ -121,12 +122,7 @@ def _agent_executor_class():
     return AgentExecutor
 
 
-def __getattr__(name: str):
-    # OpenRLHF reads `AgentExecutor` with getattr on the loaded module: built then, so the scalar tier and the
-    # layout helpers never import openrlhf.
-    if name == "AgentExecutor":
-        cls = _agent_executor_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# OpenRLHF reads `AgentExecutor` with getattr on the loaded module: built then, so the scalar tier and the
+# layout helpers never import openrlhf.
+__getattr__ = lazy_classes(__name__, globals(), {"AgentExecutor": _agent_executor_class})
 

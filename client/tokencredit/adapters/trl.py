@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Union
 
+from tokencredit.adapters import lazy_classes
 from tokencredit.client import AsyncClient, Client
 
 __all__ = ["make_reward_func", "shaping_advantages", "ppo_token_rewards", "DenseGRPOTrainer", "text_of"]
@@ -154,11 +155,6 @@ def _dense_grpo_trainer_class():
     return DenseGRPOTrainer
 
 
-def __getattr__(name: str):
-    # Built on first access so that importing this module never imports trl (or torch).
-    if name == "DenseGRPOTrainer":
-        cls = _dense_grpo_trainer_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Built on first access so that importing this module never imports trl (or torch).
+__getattr__ = lazy_classes(__name__, globals(), {"DenseGRPOTrainer": _dense_grpo_trainer_class})
 

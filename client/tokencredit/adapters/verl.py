@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from tokencredit.adapters import lazy_classes
 from tokencredit.client import AsyncClient, Client
 
 __all__ = ["compute_score", "dense_rm_scores", "DenseRewardManager", "LegacyDenseRewardManager"]
@@ -149,11 +150,5 @@ def _legacy_class():
     return LegacyDenseRewardManager
 
 
-def __getattr__(name: str):
-    # verl loads the manager class by name from this file; built then, so compute_score never imports verl.
-    builders = {"DenseRewardManager": _classes, "LegacyDenseRewardManager": _legacy_class}
-    if name in builders:
-        cls = builders[name]()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# verl loads the manager class by name from this file; built then, so compute_score never imports verl.
+__getattr__ = lazy_classes(__name__, globals(), {"DenseRewardManager": _classes, "LegacyDenseRewardManager": _legacy_class})
