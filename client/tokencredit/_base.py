@@ -167,8 +167,10 @@ class BaseClient:
         body.update({k: v for k, v in options.items() if v is not None})
         return body
 
-    def _request_options(self, weights, methods, policy_tokenizer) -> Dict[str, Any]:
-        if weights is None and self.weights is not None:
+    def _request_options(self, weights, methods, policy_tokenizer, shaping_version=None) -> Dict[str, Any]:
+        if weights is not None and shaping_version is not None:
+            raise ValueError("give weights or shaping_version, not both")
+        if weights is None and shaping_version is None and self.weights is not None:
             weights = self.weights
         if weights is not None and not isinstance(weights, ShapingWeights):
             weights = ShapingWeights.model_validate(dict(weights))
@@ -176,6 +178,7 @@ class BaseClient:
             "weights": None if weights is None else weights.model_dump(),
             "methods": methods,
             "policy_tokenizer": policy_tokenizer,
+            "shaping_version": None if shaping_version is None else int(shaping_version),
         }
 
     # ------------------------------------------------------------------------------------------------ flows
@@ -307,7 +310,7 @@ class BaseClient:
                            coverage=float(raw.get("coverage") if raw.get("coverage") is not None else 1.0))
 
     def _dense_flow(self, items, *, tokenizer=None, policy_tokenizer=None, weights=None, methods=None,
-                    on_error=None, deadline_ms=None):
+                    on_error=None, deadline_ms=None, shaping_version=None):
         """Yields `("chunks", [flow, ...])` to run concurrently and gets back their outcomes; returns the results."""
         on_error = on_error or self.on_error
         if on_error not in ON_ERROR:
@@ -323,7 +326,7 @@ class BaseClient:
                     413, "payload_too_large", f"items[{p.index}].response: {len(p.item.response)} characters exceed "
                     f"the server's limit of {limits.max_response_chars} (checked locally)", field=f"items[{p.index}].response")
         sendable = [p for p in prepared if p.index not in outcomes]
-        options = self._request_options(weights, methods, policy_tokenizer)
+        options = self._request_options(weights, methods, policy_tokenizer, shaping_version)
         flows = [self._chunk_flow(c, options, on_error, deadline_ms, deadline) for c in self._chunks(sendable, limits)]
         for part in (yield ("chunks", flows)):
             outcomes.update(part)

@@ -128,7 +128,8 @@ class Client(BaseClient):
     # ------------------------------------------------------------------------------------------------ verbs
     def dense_rewards(self, items: Sequence[Any], *, tokenizer: Any = None, policy_tokenizer: Optional[str] = None,
                       weights: Optional[Mapping[str, float]] = None, methods: Optional[Dict[str, Any]] = None,
-                      on_error: Optional[str] = None, deadline_ms: Optional[int] = None) -> List[Optional[DenseReward]]:
+                      on_error: Optional[str] = None, deadline_ms: Optional[int] = None,
+                      shaping_version: Optional[int] = None) -> List[Optional[DenseReward]]:
         """Dense rewards for each item, in order.
 
         Args:
@@ -141,6 +142,8 @@ class Client(BaseClient):
             methods: Per-explainer budgets, e.g. `{"shap": {"max_rows": 256, "seed": 0}}`.
             on_error: Overrides the client's `on_error` for this call.
             deadline_ms: Total time budget: no retry starts after it; also sent to the server.
+            shaping_version: Use this stored version of the server's weights (admin API; e.g. the
+                `TOKENCREDIT_SHAPING_VERSION` a BO trial runs under) instead of the current one.
 
         Returns:
             One `DenseReward` per item (None for a failed item under `on_error="skip"`).
@@ -150,7 +153,8 @@ class Client(BaseClient):
             ResponseInvariantError: always, when the answer breaks the contract.
         """
         kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms)
-        results, failed, outcomes = self._drive(self._dense_flow(items, weights=weights, on_error=on_error, **kw))
+        results, failed, outcomes = self._drive(self._dense_flow(items, weights=weights, on_error=on_error,
+                                                                      shaping_version=shaping_version, **kw))
         if failed and (on_error or self.on_error) == "fallback":
             sub_items = [items[i] for i in failed]
             try:
@@ -258,10 +262,12 @@ class AsyncClient(BaseClient):
 
     async def dense_rewards(self, items: Sequence[Any], *, tokenizer: Any = None, policy_tokenizer: Optional[str] = None,
                             weights: Optional[Mapping[str, float]] = None, methods: Optional[Dict[str, Any]] = None,
-                            on_error: Optional[str] = None, deadline_ms: Optional[int] = None) -> List[Optional[DenseReward]]:
+                            on_error: Optional[str] = None, deadline_ms: Optional[int] = None,
+                      shaping_version: Optional[int] = None) -> List[Optional[DenseReward]]:
         """See `Client.dense_rewards`."""
         kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms)
-        results, failed, outcomes = await self._drive(self._dense_flow(items, weights=weights, on_error=on_error, **kw))
+        results, failed, outcomes = await self._drive(self._dense_flow(items, weights=weights, on_error=on_error,
+                                                                      shaping_version=shaping_version, **kw))
         if failed and (on_error or self.on_error) == "fallback":
             sub_items = [items[i] for i in failed]
             try:

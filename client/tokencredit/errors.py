@@ -8,6 +8,9 @@ One base class, two branches, so that `except TokenCreditError` catches every se
     │   └── RequestTimeout          connect, read, write or pool timeout
     ├── RewardServiceError          the server answered with an error status (status, code, field, retryable, ...)
     │   ├── InvalidRequestError     400 / 422: fix the request, never retried
+    │   ├── AuthError               401 / 403: missing or wrong admin token, or the admin API is disabled
+    │   ├── PreconditionFailedError 412: stale If-Match (another writer won); `current_version` from the ETag
+    │   ├── PreconditionRequiredError 428: a write without If-Match
     │   ├── PayloadTooLargeError    413: split (the SDK does this itself) or shorten the item
     │   ├── RateLimitedError        429: retried after `retry_after`
     │   ├── ServiceUnavailableError 503: retried after `retry_after` (model loading, restarting)
@@ -33,6 +36,9 @@ __all__ = [
     "RewardServiceError",
     "InvalidRequestError",
     "PayloadTooLargeError",
+    "AuthError",
+    "PreconditionFailedError",
+    "PreconditionRequiredError",
     "RateLimitedError",
     "ServiceUnavailableError",
     "ServerError",
@@ -102,6 +108,24 @@ class InvalidRequestError(RewardServiceError):
     """400 or 422: the request is wrong; sending it again cannot help."""
 
 
+class AuthError(RewardServiceError):
+    """401 (missing or wrong bearer token) or 403 (the admin API is disabled on the server); never retried."""
+
+
+class PreconditionFailedError(RewardServiceError):
+    """412: the `If-Match` ETag is stale (another writer won the compare-and-set) or malformed.
+
+    Attributes:
+        current_version (`int`, *optional*): the server's current version, from the answer's `ETag`.
+    """
+
+    current_version: Optional[int] = None
+
+
+class PreconditionRequiredError(RewardServiceError):
+    """428: a write was sent without `If-Match`."""
+
+
 class PayloadTooLargeError(RewardServiceError):
     """413: too many items, tokens or bytes; `field` and `message` name the limit."""
 
@@ -143,9 +167,13 @@ class ResponseInvariantError(TokenCreditError):
 
 _BY_STATUS = {
     400: InvalidRequestError,
+    401: AuthError,
+    403: AuthError,
     408: ServerError,
+    412: PreconditionFailedError,
     413: PayloadTooLargeError,
     422: InvalidRequestError,
+    428: PreconditionRequiredError,
     429: RateLimitedError,
     503: ServiceUnavailableError,
 }
@@ -154,6 +182,10 @@ _BY_CODE = {
     "payload_too_large": PayloadTooLargeError,
     "overloaded": RateLimitedError,
     "not_ready": ServiceUnavailableError,
+    "unauthorized": AuthError,
+    "admin_disabled": AuthError,
+    "precondition_failed": PreconditionFailedError,
+    "precondition_required": PreconditionRequiredError,
 }
 # Statuses worth retrying even when the body says nothing (proxies answer 502/504 without our error body).
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

@@ -1,0 +1,274 @@
+"""`tokencredit bo run | status`: tune the server's shaping weights against an objective command.
+
+For each trial `run` pushes the suggested weights through the admin API (a new shaping version, If-Match safe
+against other writers), runs the objective command through the shell with
+
+    TOKENCREDIT_SHAPING_VERSION  the version to pin (`"shaping_version": N` in dense-rewards requests)
+    TOKENCREDIT_TRIAL_ID         the trial's id in the study
+    TOKENCREDIT_WEIGHTS          the weights as a JSON object (every component; those not tuned are 0)
+
+and reads the objective from the last non-empty line the command prints: `0.71`, `0.71 0.02` (value and its
+standard deviation) or `{"value": 0.71, "noise": 0.02}`. A non-zero exit, a timeout or an unreadable line marks
+the trial failed (with the reason) and the run goes on. The study file is saved after every change, so a killed
+run started again with the same `--study` continues to `--trials` finished trials, re-running first the trials
+that were pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from tokencredit.bo.study import FAILED, Study, Trial
+from tokencredit.types import Component
+
+__all__ = ["add_parser", "parse_objective"]
+
+DEFAULT_COMPONENTS = "sparse,attention,shap,lime,loo"  # `prefix` needs a causal RM: opt in with --components
+
+
+def add_parser(subparsers) -> None:
+    bo = subparsers.add_parser("bo", help="Bayesian optimisation of the shaping weights",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = bo.add_subparsers(dest="bo_command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a study against a live server")
+    run.add_argument("--service", required=True, help="the TokenCredit server, e.g. http://127.0.0.1:8000")
+    run.add_argument("--trials", type=int, required=True, help="finished trials (complete or failed) to reach")
+    run.add_argument("--objective-cmd", required=True, help="shell command printing the objective on its last line")
+    run.add_argument("--study", default="study.json", help="study file, created or resumed (default study.json)")
+    run.add_argument("--components", default=DEFAULT_COMPONENTS, help=f"weights to tune (default {DEFAULT_COMPONENTS})")
+    run.add_argument("--n-init", type=int, default=5, help="Sobol trials before the GP takes over (default 5)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--minimize", action="store_true", help="minimise the objective (default: maximise)")
+    run.add_argument("--plot", help="PNG written after every observation (default: the study file's name .png)")
+    run.add_argument("--admin-token-env", default="TOKENCREDIT_ADMIN_TOKEN", help="variable holding the admin token")
+    run.add_argument("--timeout", type=float, default=None, help="seconds per objective command (default: none)")
+    run.add_argument("--parallel", type=int, default=1, help="objective commands running at once (default 1)")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="print a study")
+    status.add_argument("--study", default="study.json")
+    status.set_defaults(func=cmd_status)
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def parse_objective(stdout: str) -> Tuple[float, Optional[float]]:
+    """(value, noise) from the last non-empty line; ValueError when it is none of the accepted forms."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("the objective command printed nothing")
+    last = lines[-1]
+    try:
+        if last.startswith("{"):
+            obj = json.loads(last)
+            value, noise = obj["value"], obj.get("noise")
+        else:
+            parts = last.split()
+            if len(parts) not in (1, 2):
+                raise ValueError
+            value, noise = parts[0], (parts[1] if len(parts) == 2 else None)
+        value, noise = float(value), (None if noise is None else float(noise))
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"cannot read an objective from the last line {last[:200]!r}") from None
+    if not math.isfinite(value) or (noise is not None and (not math.isfinite(noise) or noise < 0)):
+        raise ValueError(f"objective not finite or negative noise in {last[:200]!r}")
+    return value, noise
+
+
+def _components(text: str) -> list:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    known = [c.value for c in Component]
+    bad = [c for c in names if c not in known]
+    if bad:
+        raise SystemExit(f"tokencredit bo: unknown components {bad}; known: {known}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- one trial
+@dataclass
+class _Outcome:
+    value: Optional[float] = None
+    noise: Optional[float] = None
+    error: Optional[str] = None
+
+
+class _Runner:
+    """Pushes a trial's weights and runs the objective command (in worker threads)."""
+
+    def __init__(self, study: Study, admin, command: str, timeout: Optional[float]):
+        self.study, self.admin, self.command, self.timeout = study, admin, command, timeout
+        self._procs: Dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, trial: Trial) -> _Outcome:
+        weights = {c.value: 0.0 for c in Component}
+        weights.update(trial.weights)
+        name = self.study.path.name if self.study.path else "study"
+        # Raises TokenCreditError (auth, server down): the trial stays pending and the run stops.
+        record = self.admin.update_shaping(weights, updated_by=f"tokencredit bo {name} trial {trial.id}")
+        self.study.set_version(trial.id, record.version)
+        env = dict(os.environ, TOKENCREDIT_SHAPING_VERSION=str(record.version), TOKENCREDIT_TRIAL_ID=str(trial.id),
+                   TOKENCREDIT_WEIGHTS=json.dumps(weights))
+        # Its own session, so a timeout kills the whole process group (a training run the shell started too).
+        proc = subprocess.Popen(self.command, shell=True, env=env, stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        with self._lock:
+            self._procs[trial.id] = proc
+        try:
+            stdout, _ = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            return _Outcome(error=f"timed out after {self.timeout:g} s")
+        finally:
+            with self._lock:
+                self._procs.pop(trial.id, None)
+        if proc.returncode != 0:
+            tail = " | ".join(stdout.strip().splitlines()[-3:])[:500]
+            return _Outcome(error=f"exit status {proc.returncode}" + (f"; last output: {tail}" if tail else ""))
+        try:
+            value, noise = parse_objective(stdout)
+        except ValueError as exc:
+            return _Outcome(error=str(exc))
+        return _Outcome(value=value, noise=noise)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            for proc in self._procs.values():
+                _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _fmt_weights(weights: Dict[str, float]) -> str:
+    return " ".join(f"{c}={w:.3f}" for c, w in weights.items())
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_run(args) -> int:
+    from tokencredit.admin import AdminClient
+    from tokencredit.bo.controller import BayesOpt
+    from tokencredit.bo.plot import save_plot
+    from tokencredit.errors import TokenCreditError
+
+    if args.trials < 1 or args.parallel < 1:
+        raise SystemExit("tokencredit bo: --trials and --parallel must be >= 1")
+    components = _components(args.components)
+    # "" rather than None: a missing variable must not fall back to TOKENCREDIT_ADMIN_TOKEN behind the user's back.
+    admin = AdminClient(args.service, token=os.environ.get(args.admin_token_env, ""), timeout=30.0)
+    try:
+        admin.get_shaping()  # fail fast on a wrong URL or token, before a study file is created
+    except TokenCreditError as exc:
+        admin.close()
+        print(f"tokencredit bo: cannot use the admin API at {args.service}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        study = Study.open(args.study, components, seed=args.seed, n_init=args.n_init,
+                           direction="minimize" if args.minimize else "maximize")
+    except ValueError as exc:
+        admin.close()
+        raise SystemExit(f"tokencredit bo: {exc}")
+    if study.trials:
+        print(f"resuming {args.study}: {study.finished()} finished, {len(study.pending())} pending "
+              f"(seed {study.seed}, n_init {study.n_init})", flush=True)
+    bo = BayesOpt(study)
+    plot_path = Path(args.plot) if args.plot else Path(args.study).with_suffix(".png")
+
+    runner = _Runner(study, admin, args.objective_cmd, args.timeout)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so the objective commands (in their own sessions) are stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    running: Dict = {}
+    fatal: Optional[BaseException] = None
+    pool = ThreadPoolExecutor(max_workers=args.parallel, thread_name_prefix="tokencredit-bo")
+    try:
+        while True:
+            while fatal is None and len(running) < args.parallel and study.finished() + len(running) < args.trials:
+                trial = bo.suggest()
+                running[pool.submit(runner, trial)] = trial
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                trial = running.pop(future)
+                try:
+                    outcome = future.result()
+                except TokenCreditError as exc:
+                    fatal = fatal or exc  # the trial stays pending: a later run re-runs it
+                    print(f"tokencredit bo: trial {trial.id}: pushing the weights failed: {exc}", file=sys.stderr)
+                    continue
+                if outcome.error is None:
+                    bo.observe(trial, outcome.value, outcome.noise)
+                else:
+                    bo.fail(trial, outcome.error)
+                best = bo.best()
+                _progress(study, trial, best, args.trials)
+                save_plot(study, plot_path, best)
+    except BaseException:
+        runner.kill_all()  # Ctrl-C: the objective commands run in their own sessions, stop them too
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        admin.close()
+    if fatal is not None:
+        return 1
+    best = bo.best()
+    if best is not None:
+        save_plot(study, plot_path, best)
+        print(f"best: trial {best.id} value {best.value:.6g} (shaping version {best.shaping_version}) "
+              f"{_fmt_weights(best.weights)}", flush=True)
+    print(f"study: {args.study}  plot: {plot_path}", flush=True)
+    return 0
+
+
+def _progress(study: Study, trial: Trial, best: Optional[Trial], total: int) -> None:
+    trial = study.trial(trial.id)
+    result = f"FAILED ({trial.note})" if trial.status == FAILED else f"{trial.value:.6g}"
+    if trial.noise is not None:
+        result += f" ± {trial.noise:.3g}"
+    best_text = "none" if best is None else f"{best.value:.6g} (trial {best.id})"
+    print(f"trial {study.finished()}/{total}  #{trial.id} {trial.source:5s} v{trial.shaping_version}  "
+          f"{_fmt_weights(trial.weights)}  -> {result}  best {best_text}", flush=True)
+
+
+def cmd_status(args) -> int:
+    path = Path(args.study)
+    if not path.exists():
+        print(f"tokencredit bo: no study at {path}", file=sys.stderr)
+        return 2
+    study = Study.load(path)
+    try:
+        from tokencredit.bo.controller import BayesOpt
+
+        best, how = BayesOpt(study).best(), "highest GP posterior mean among observed trials"
+    except ImportError:  # botorch not installed: the raw best still says something
+        best, how = study.best_observed(), "best observed value"
+    counts = {s: len(study.by_status(s)) for s in ("complete", "pending", "failed")}
+    print(f"study {path}: {len(study.trials)} trials ({counts['complete']} complete, {counts['pending']} pending, "
+          f"{counts['failed']} failed); {study.direction}; components {','.join(study.components)}; "
+          f"seed {study.seed}; n_init {study.n_init}")
+    print(f"{'id':>4} {'status':9} {'source':6} {'version':>7} {'value':>12}  weights")
+    for t in study.trials:
+        value = "" if t.value is None else f"{t.value:.6g}" + ("" if t.noise is None else f"±{t.noise:.2g}")
+        version = "" if t.shaping_version is None else str(t.shaping_version)
+        note = f"  ({t.note})" if t.note else ""
+        print(f"{t.id:>4} {t.status:9} {t.source:6} {version:>7} {value:>12}  {_fmt_weights(t.weights)}{note}")
+    if best is not None:
+        print(f"best: trial {best.id} value {best.value:.6g} ({how}) {_fmt_weights(best.weights)}")
+    return 0

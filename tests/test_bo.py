@@ -1,0 +1,369 @@
+"""Bayesian optimisation of the shaping weights (`tokencredit.bo`) and the admin client it pushes them with.
+
+Real botorch fits on a synthetic noisy objective; the CLI and the admin client against a real server
+subprocess (tiny encoder RM, admin token) on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("botorch")  # installed by the `test` extra (tokencredit[bo])
+import torch  # noqa: E402
+
+from tests.celery_helpers import free_port, stop, wait_ready  # noqa: E402
+from tests.server_helpers import spawn_server  # noqa: E402
+from tokencredit.admin import AdminClient  # noqa: E402
+from tokencredit.bo import BayesOpt, Study  # noqa: E402
+from tokencredit.bo.cli import parse_objective  # noqa: E402
+from tokencredit.errors import (  # noqa: E402
+    AuthError,
+    ConnectError,
+    InvalidRequestError,
+    PreconditionFailedError,
+    PreconditionRequiredError,
+    error_from_response,
+)
+
+torch.set_num_threads(1)
+
+TOKEN = "tc-bo-" + uuid.uuid4().hex
+COMPONENTS = ["sparse", "attention", "shap", "lime", "loo"]
+ALL = ("sparse", "attention", "shap", "lime", "loo", "prefix")
+FULL = lambda w: {c: float(w.get(c, 0.0)) for c in ALL}  # noqa: E731
+
+# Synthetic objective over the K=5 simplex with a known interior optimum: f(w) = 1 − ‖w − w*‖², f* = f(w*) = 1.
+# f is concave, so its minimum over the simplex is at a vertex: F_MIN = min_k f(e_k) = −0.15 (at e_loo).
+W_STAR = np.array([0.35, 0.25, 0.20, 0.15, 0.05])
+F_STAR = 1.0
+F_MIN = min(1.0 - float(np.sum((np.eye(5)[k] - W_STAR) ** 2)) for k in range(5))
+NOISE_SD = 0.015 * (F_STAR - F_MIN)  # 1.5 % of the objective's range
+
+
+def f(w) -> float:
+    w = np.asarray([w[c] for c in COMPONENTS] if isinstance(w, dict) else w, dtype=np.float64)
+    return 1.0 - float(np.sum((w - W_STAR) ** 2))
+
+
+def _on_simplex(weights: dict) -> bool:
+    return all(v >= 0.0 for v in weights.values()) and abs(sum(weights.values()) - 1.0) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------- optimisation
+def _random_search(seed: int, budget: int) -> float:
+    """Uniform points on the simplex; pick the best noisy observation; score its true f."""
+    rng = np.random.default_rng(seed)
+    points = rng.dirichlet(np.ones(5), size=budget)
+    observed = np.array([f(w) for w in points]) + rng.normal(0.0, NOISE_SD, budget)
+    return f(points[int(observed.argmax())])
+
+
+def test_bo_gets_near_the_optimum_and_beats_random_search():
+    budget, n_init = 20, 6
+    noise = np.random.default_rng(1234)
+    bo = BayesOpt(Study(COMPONENTS, seed=0, n_init=n_init), num_restarts=4, raw_samples=128)  # fast settings
+    for _ in range(budget):
+        trial = bo.suggest()
+        assert _on_simplex(trial.weights)
+        bo.observe(trial, f(trial.weights) + noise.normal(0.0, NOISE_SD))
+    assert [t.source for t in bo.study.trials] == ["sobol"] * n_init + ["bo"] * (budget - n_init)
+    f_best = f(bo.best().weights)
+    # "Within 5 % of the optimum" as a share of the objective's range on the simplex, (f* − f(best)) / (f* − f_min):
+    # unlike a share of f* it does not change when a constant is added to the objective.
+    gap = (F_STAR - f_best) / (F_STAR - F_MIN)
+    random_median = float(np.median([_random_search(seed, budget) for seed in range(11)]))
+    print(f"\nf(best)={f_best:.4f} f*={F_STAR} f_min={F_MIN:.3f} gap={gap:.2%} random-search median={random_median:.4f}")
+    assert gap <= 0.05
+    assert f_best > random_median
+
+
+def test_pending_suggestions_differ_and_observations_come_in_any_order(tmp_path):
+    def play(path):
+        bo = BayesOpt.open(path, COMPONENTS, seed=1, n_init=3, num_restarts=4, raw_samples=128)
+        first = [bo.suggest() for _ in range(3)]  # three Sobol trials in flight at once
+        for t in reversed(first):  # finished out of order
+            bo.observe(t, f(t.weights))
+        a, b = bo.suggest(), bo.suggest()  # two BO trials in flight: b sees a as X_pending
+        bo.observe(b, f(b.weights))
+        bo.observe(a.id, f(a.weights), noise=None)
+        return bo, first, a, b
+
+    bo, first, a, b = play(tmp_path / "one.json")
+    assert len({tuple(t.weights.values()) for t in first}) == 3
+    assert a.source == b.source == "bo"
+    assert np.abs(np.subtract(list(a.weights.values()), list(b.weights.values()))).max() > 1e-3
+    assert all(t.status == "complete" for t in bo.study.trials) and bo.pending() == []
+    with pytest.raises(ValueError, match="already complete"):
+        bo.observe(a, 0.0)
+    assert bo.best().id in {t.id for t in bo.study.trials}
+    # Deterministic given the seed: the same play in another study gives the same points.
+    again = play(tmp_path / "two.json")[0]
+    for x, y in zip(again.study.trials, bo.study.trials, strict=True):
+        assert np.allclose(list(x.weights.values()), list(y.weights.values()), atol=1e-9)
+
+
+def test_resume_keeps_observations_and_reoffers_pending(tmp_path):
+    path = tmp_path / "study.json"
+    bo = BayesOpt.open(path, COMPONENTS, seed=2, n_init=3)
+    t0, t1, t2 = bo.suggest(), bo.suggest(), bo.suggest()
+    bo.observe(t0, 0.5, noise=0.01)
+    bo.fail(t1, "objective diverged")
+    t3 = bo.suggest()  # fewer than two observations: still a Sobol point
+    before = json.loads(path.read_text())
+    del bo  # "killed": only the file survives
+
+    resumed = BayesOpt.open(path, COMPONENTS, seed=99, n_init=10)  # the file's seed and n_init win
+    assert (resumed.study.seed, resumed.study.n_init) == (2, 3)
+    assert [asdict(t) for t in resumed.study.trials] == before["trials"]
+    assert [t.id for t in resumed.pending()] == [t2.id, t3.id]
+    again = [resumed.suggest(), resumed.suggest()]  # the pending trials come back first, same ids and weights
+    assert [(t.id, t.weights) for t in again] == [(t2.id, t2.weights), (t3.id, t3.weights)]
+    new = resumed.suggest()
+    assert new.id == 4 and len(resumed.study.trials) == 5  # nothing duplicated
+    resumed.observe(again[1], 0.7)
+    reloaded = Study.load(path)
+    assert reloaded.trial(3).value == 0.7 and reloaded.trial(1).note == "objective diverged"
+    assert reloaded.trial(0).noise == 0.01
+    assert [t.status for t in reloaded.trials] == ["complete", "failed", "pending", "complete", "pending"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.json"]  # atomic saves leave no temp files
+    with pytest.raises(ValueError, match="tunes"):
+        Study.open(path, ["sparse", "shap"])
+
+
+def test_parse_objective():
+    assert parse_objective("loading...\n0.75\n\n") == (0.75, None)
+    assert parse_objective("x\n0.75 0.02") == (0.75, 0.02)
+    assert parse_objective('{"value": -1.5, "noise": 0.1}') == (-1.5, 0.1)
+    assert parse_objective('{"value": 2}') == (2.0, None)
+    for bad in ("", "accuracy: 0.7", "nan", "0.5 -1", "1 2 3", '{"noise": 1}'):
+        with pytest.raises(ValueError):
+            parse_objective(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- a real server
+@pytest.fixture(scope="module")
+def server(encoder_rm_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bo")
+    settings = {"admin_token": TOKEN, "state_db": tmp / "shaping.sqlite3", "weights": json.dumps({"sparse": 1.0})}
+    proc, url = spawn_server(encoder_rm_dir, tmp / "server.log", **settings)
+    try:
+        wait_ready(proc, url, tmp / "server.log")
+        yield {"url": url, "tmp": tmp, "log": tmp / "server.log"}
+    finally:
+        stop(proc)
+    assert TOKEN not in (tmp / "server.log").read_text(errors="replace")
+
+
+def test_admin_client_errors(server, monkeypatch):
+    url = server["url"]
+    with AdminClient(url, token="wrong") as wrong:
+        with pytest.raises(AuthError) as err:
+            wrong.get_shaping()
+        assert err.value.status == 401 and not err.value.retryable
+    monkeypatch.setenv("TOKENCREDIT_ADMIN_TOKEN", TOKEN)  # the default token
+    with AdminClient(url) as admin:
+        assert TOKEN not in repr(admin)
+        current = admin.get_shaping()
+        assert current.etag == f'"v{current.version}"'
+        with pytest.raises(PreconditionRequiredError) as err:
+            admin.put_shaping({"sparse": 1.0}, if_match=None)
+        assert err.value.status == 428 and err.value.field == "If-Match"
+        with pytest.raises(PreconditionFailedError) as err:
+            admin.put_shaping({"sparse": 1.0}, if_match=current.version + 5)
+        assert err.value.status == 412 and err.value.current_version == current.version
+        with pytest.raises(InvalidRequestError) as err:
+            admin.put_shaping({"sparse": 1.5}, if_match=current.etag)
+        assert err.value.status == 422 and err.value.field == "weights.sparse"
+        with pytest.raises(ValueError, match="simplex"):  # checked before any I/O
+            admin.update_shaping({"sparse": 0.5})
+        assert admin.get_shaping() == current
+    with pytest.raises(ConnectError):
+        AdminClient(f"http://127.0.0.1:{free_port()}", token=TOKEN, timeout=2).get_shaping()
+    body = {"error": {"code": "admin_disabled", "message": "the admin API is disabled"}}
+    assert isinstance(error_from_response(403, body), AuthError)
+
+
+class _RacedAdmin(AdminClient):
+    """Another writer gets in between this client's first GET and its PUT (deterministically)."""
+
+    def __init__(self, *args, rival: AdminClient, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rival, self.raced = rival, False
+
+    def get_shaping(self):
+        current = super().get_shaping()
+        if not self.raced:
+            self.raced = True
+            self.rival.put_shaping({"attention": 1.0}, if_match=current.version, updated_by="rival")
+        return current
+
+
+def test_update_shaping_retries_a_stale_etag(server):
+    with AdminClient(server["url"], token=TOKEN) as rival, _RacedAdmin(server["url"], token=TOKEN, rival=rival) as admin:
+        before = rival.get_shaping().version
+        record = admin.update_shaping({"shap": 0.5, "lime": 0.5}, updated_by="raced")
+        assert admin.stale_retries == 1 and record.version == before + 2  # the rival's version, then ours
+        history = {v.version: v for v in admin.history()}
+        assert history[before + 1].updated_by == "rival" and history[before + 2].weights == FULL({"shap": 0.5, "lime": 0.5})
+
+
+def test_two_controllers_never_lose_an_update(server):
+    url, per_writer, tag = server["url"], 12, uuid.uuid4().hex[:6]
+    results = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+    clients = [AdminClient(url, token=TOKEN), AdminClient(url, token=TOKEN)]
+
+    def controller(j):
+        for i in range(per_writer):
+            barrier.wait()  # both push at the same moment, every round
+            a, b = ("sparse", "loo") if j == 0 else ("shap", "lime")
+            w = {a: (i + 1) / 100, b: 1 - (i + 1) / 100}
+            results[j].append((clients[j].update_shaping(w, updated_by=f"{tag}-{j}-{i}"), w))
+
+    threads = [threading.Thread(target=controller, args=(j,)) for j in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pushed = results[0] + results[1]
+    versions = [record.version for record, _ in pushed]
+    assert len(versions) == 2 * per_writer and len(set(versions)) == 2 * per_writer
+    history = {v.version: v for v in clients[0].history()}
+    ours = {v.updated_by: v for v in history.values() if (v.updated_by or "").startswith(tag)}
+    assert len(ours) == 2 * per_writer  # every update is its own version: none overwritten, none lost
+    for record, w in pushed:
+        assert history[record.version].weights == FULL(w) and history[record.version].updated_by == record.updated_by
+    print(f"\n412s absorbed: {clients[0].stale_retries} + {clients[1].stale_retries}")
+    for c in clients:
+        c.close()
+
+
+def test_objective_failures_are_recorded_not_fatal(server, tmp_path):
+    from tokencredit.bo.cli import _Runner
+
+    study = Study(COMPONENTS, seed=0, n_init=1, path=tmp_path / "s.json")
+    with AdminClient(server["url"], token=TOKEN) as admin:
+        for command, timeout, expected in [("echo chatter; exit 3", None, "exit status 3; last output: chatter"),
+                                           ("sleep 30", 0.5, "timed out after 0.5 s"),
+                                           ("echo 0.5 0.1", None, None)]:
+            trial = study.add_trial(dict(zip(COMPONENTS, [0.2] * 5)), "sobol")
+            started = time.monotonic()
+            outcome = _Runner(study, admin, command, timeout)(trial)
+            assert outcome.error == expected and time.monotonic() - started < 10  # the timeout killed the group
+            assert study.trial(trial.id).shaping_version == admin.get_shaping().version
+    assert (outcome.value, outcome.noise) == (0.5, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+OBJECTIVE = textwrap.dedent('''
+    """Synthetic objective for `tokencredit bo run`: checks the pinned version holds the weights it was given."""
+    import json, os, sys, time
+    import httpx
+    url, log_path, fail_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    weights = json.loads(os.environ["TOKENCREDIT_WEIGHTS"])
+    version, trial = int(os.environ["TOKENCREDIT_SHAPING_VERSION"]), int(os.environ["TOKENCREDIT_TRIAL_ID"])
+    auth = {{"Authorization": "Bearer " + os.environ["TOKENCREDIT_ADMIN_TOKEN"]}}
+    history = httpx.get(url + "/admin/v1/shaping/history", headers=auth, timeout=10).json()["versions"]
+    [record] = [v for v in history if v["version"] == version]
+    if record["weights"] != weights:
+        sys.exit(3)
+    start = time.time()
+    time.sleep(0.3)
+    w_star = {w_star}
+    value = 1.0 - sum((weights[c] - w_star[c]) ** 2 for c in w_star)
+    with open(log_path, "a") as log:
+        log.write(json.dumps({{"trial": trial, "version": version, "start": start, "end": time.time()}}) + "\\n")
+    print("evaluating ...")
+    print("no number here" if trial == fail_id else value)
+''').format(w_star=dict(zip(COMPONENTS, W_STAR.tolist())))
+
+
+def _cli(*args):
+    exe = Path(sys.executable).with_name("tokencredit")
+    assert exe.exists(), "the `tokencredit` console script is missing: pip install -e ./client[bo]"
+    return [str(exe), *map(str, args)]
+
+
+def _study(path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_cli_run_survives_a_kill_and_resumes(server, tmp_path):
+    url, total, fail_id = server["url"], 7, 5
+    script, log = tmp_path / "objective.py", tmp_path / "objective.log"
+    study_path, plot = tmp_path / "study.json", tmp_path / "study.png"
+    script.write_text(OBJECTIVE)
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {url} {shlex.quote(str(log))} {fail_id}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
+    env["MY_ADMIN_TOKEN"] = env["TOKENCREDIT_ADMIN_TOKEN"] = TOKEN
+    args = ["bo", "run", "--service", url, "--trials", total, "--objective-cmd", cmd, "--study", study_path,
+            "--components", ",".join(COMPONENTS), "--n-init", 3, "--seed", 5, "--admin-token-env", "MY_ADMIN_TOKEN",
+            "--timeout", 60]
+
+    # Wrong token: refused before a study file exists.
+    bad = subprocess.run(_cli(*args), env=dict(env, MY_ADMIN_TOKEN="nope"), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "401" in bad.stderr and not study_path.exists()
+
+    first = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while True:  # kill once 3 trials are observed and the 4th has been pushed and is running
+        s = _study(study_path)
+        if s and sum(t["status"] == "complete" for t in s["trials"]) >= 3 and any(
+                t["status"] == "pending" and t["shaping_version"] is not None for t in s["trials"]):
+            break
+        if first.poll() is not None:
+            pytest.fail(f"the controller exited early:\n{first.stdout.read()}")
+        assert time.monotonic() < deadline, "no kill point in 90 s"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    out1 = first.communicate()[0]
+    at_kill = _study(study_path)
+    kept = [t for t in at_kill["trials"] if t["status"] == "complete"]
+    pending = [t for t in at_kill["trials"] if t["status"] == "pending"]
+    assert len(kept) >= 3 and pending and "trial 3/7" in out1
+
+    # Resumed, two objective commands at a time.
+    second = subprocess.run(_cli(*args, "--parallel", 2), env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming {study_path}" in second.stdout and "best: trial" in second.stdout
+    final = _study(study_path)
+    trials = final["trials"]
+    assert len(trials) == total and [t["id"] for t in trials] == list(range(total))
+    assert sum(t["status"] != "pending" for t in trials) == total  # N finished trials, none lost or duplicated
+    assert [t["status"] for t in trials].count("failed") == 1 and "cannot read" in trials[fail_id]["note"]
+    for t in kept:  # observations made before the kill are unchanged
+        assert trials[t["id"]] == t
+    for t in pending:  # the trial killed mid-run was run again (same weights, a new push)
+        again = trials[t["id"]]
+        assert again["status"] == "complete" and again["weights"] == t["weights"]
+        assert again["shaping_version"] > t["shaping_version"]
+    assert [t["source"] for t in trials] == ["sobol"] * 3 + ["bo"] * (total - 3)
+
+    # Each trial's shaping version holds its weights (unlisted components 0), as the objective also checked.
+    history = {v.version: v for v in AdminClient(url, token=TOKEN).history()}
+    for t in trials:
+        record = history[t["shaping_version"]]
+        assert record.weights == FULL(t["weights"]) and record.updated_by.endswith(f"trial {t['id']}")
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["trial"] for r in runs} == set(range(total))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TOKEN not in out1 + second.stdout + second.stderr
+
+    status = subprocess.run(_cli("bo", "status", "--study", study_path), capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"{total} trials ({total - 1} complete, 0 pending, 1 failed)" in status.stdout
+    assert "best: trial" in status.stdout and len(status.stdout.splitlines()) == total + 3
