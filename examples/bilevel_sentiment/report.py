@@ -166,20 +166,22 @@ def write_report(out: Path, report: Path, window: int = 5) -> Path:
                          f"(wins {sum(d > 0 for d in d_train)}/{len(pairs)})")
     if (out / "initial.json").exists():
         initial = json.loads((out / "initial.json").read_text())["objective"]
-        lines += ["", f"Before any PPO step the policy's held-out RM score is **{initial:.3f}** (same evaluation)."]
+        when = "" if "initial_eval_s" in timings else "; measured after this run with `train --steps 0`, which `run.py` now does itself"
+        lines += ["", f"Before any PPO step the policy's held-out RM score is **{initial:.3f}** (same evaluation{when})."]
     lines += ["", f"![reward curves]({rel(out / 'reward_curves.png')})", ""]
     if study:
         lines += ["## BO trace", "", f"![BO trace]({rel(out / 'bo.png')})", "",
                   "| trial id | from | status | weights | objective |", "|---|---|---|---|---|", *_bo_rows(study), ""]
     lines += ["## How to read it", "",
-              "- Each training reward point is the mean RM score of one batch (4 prompts × 4 samples), so curves are "
+              f"- Each training reward point is the mean RM score of one batch ({cfg.get('batch_size')} responses), so curves are "
               "smoothed and the seed-to-seed spread is large; the held-out score (same prompts and sampling seed for "
               "every arm) is the less noisy comparison, and the paired differences above compare arms seed by seed.",
               "- BO trials are single-seed runs, so its objective is noisy too; 'BO best' is the tried point with the "
               "highest GP posterior mean, re-trained above with the arms' seeds.",
-              "- Σ of each response's per-token rewards equals its RM score in every arm (the SDK checks each answer), "
-              "so the arms differ only in where the same total lands.", ""]
-    lines += ["## Wall clock", ""]
+              "- Σ of TokenCredit's per-token rewards equals the RM score for every response in every arm (the SDK "
+              "checks each answer), so the arms differ only in where the same total lands.", ""]
+    lines += ["## Wall clock", "", f"On a 2-core CPU machine, no GPU; {meta.get('parallel', 2)} trainers at a time with 1 torch thread each, "
+              "the service with 1.", ""]
     lines += [f"- {k.removesuffix('_s')}: {v / 60:.1f} min" for k, v in timings.items()]
     report.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps({"threshold": threshold, "arms": table}, indent=1))

@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         service.wait(30)
     timings["total_s"] = time.perf_counter() - t0
     meta = {"config": cfg, "quick": args.quick, "arms": arms, "timings": timings, "rm": args.rm or "demo RM",
-            "shap_rows": args.shap_rows, "lime_samples": args.lime_samples, "bo_components": BO_COMPONENTS}
+            "parallel": args.parallel, "threads": args.threads, "shap_rows": args.shap_rows,
+            "lime_samples": args.lime_samples, "bo_components": BO_COMPONENTS}
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     from .report import write_report
 
