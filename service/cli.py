@@ -12,6 +12,11 @@ from typing import List, Optional
 __all__ = ["main"]
 
 
+# The model flags besides --model, as Settings fields; `worker --concurrency N` forwards the same list to its children.
+MODEL_FLAGS = ("device", "dtype", "explain_dtype", "rm_kind", "positive_label", "negative_label", "mask_token",
+               "torch_threads")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="reward model directory (default: the demo RM, built if missing)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
@@ -27,22 +32,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace, **extra):
     from service.config import Settings
 
-    overrides = {
-        k: v
-        for k, v in {
-            "model": args.model,
-            "device": args.device,
-            "dtype": args.dtype,
-            "explain_dtype": args.explain_dtype,
-            "rm_kind": args.rm_kind,
-            "positive_label": args.positive_label,
-            "negative_label": args.negative_label,
-            "mask_token": args.mask_token,
-            "torch_threads": args.torch_threads,
-            **extra,
-        }.items()
-        if v is not None
-    }
+    given = {"model": args.model, **{flag: getattr(args, flag) for flag in MODEL_FLAGS}, **extra}
+    overrides = {k: v for k, v in given.items() if v is not None}
     settings = Settings(**overrides)
     if settings.model is None:
         from workers.demo_model import ensure_demo_model

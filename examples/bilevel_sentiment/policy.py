@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -17,12 +16,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from workers.demo_model import default_cache_dir
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("TOKENCREDIT_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tokencredit"
 
 
 def ensure_policy_weights(out: Optional[Path] = None) -> Path:
@@ -30,7 +26,7 @@ def ensure_policy_weights(out: Optional[Path] = None) -> Path:
 
     `from_pretrained(gguf_file=...)` dequantises for ~25 s on every load; the cached directory loads in <1 s.
     """
-    out = Path(out) if out else cache_dir() / "smollm2-135m-instruct"
+    out = Path(out) if out else default_cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

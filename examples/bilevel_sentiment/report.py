@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -106,7 +107,7 @@ def write_report(out: Path, report: Path, window: int = 5) -> Path:
     window = min(window, max(1, min((len(r["curve"]) for rs in runs.values() for r in rs), default=1)))
     table, threshold = summarise(runs, window)
     plot_curves(runs, window, threshold, out / "reward_curves.png")
-    rel = lambda p: Path(p).resolve().relative_to(report.parent.resolve()) if Path(p).resolve().is_relative_to(report.parent.resolve()) else p
+    rel = lambda p: os.path.relpath(p, report.parent)  # noqa: E731  (links relative to the report)
     cfg, timings = meta.get("config", {}), meta.get("timings", {})
     first = next((r for rs in runs.values() for r in rs), {})
     ppo, n_trainable, extra = first.get("config", {}), first.get("n_trainable", 2), first.get("args", {})

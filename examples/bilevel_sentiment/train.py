@@ -56,13 +56,18 @@ def banned_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
 
 
+def rollout_items(ro) -> list:
+    """Dense-rewards items for a rollout: the policy's own token ids, which the SDK turns into offsets."""
+    return [{"prompt": p, "response_token_ids": ids.tolist()} for p, ids in zip(ro.prompts, ro.response_ids)]
+
+
 def score_policy(policy, tokenizer, client: Client, prompts, samples: int, cfg: PPOConfig, banned, seed: int) -> float:
     """Mean RM score of sampled responses to `prompts` (fixed sampling seed, so arms see the same randomness)."""
     torch.manual_seed(seed)
     scores = []
     for _ in range(samples):
         ro = rollout(policy, tokenizer, prompts, cfg, banned)
-        items = [{"prompt": p, "response_token_ids": ids.tolist()} for p, ids in zip(prompts, ro.response_ids)]
+        items = rollout_items(ro)
         scores += client.scores(items, tokenizer=tokenizer)
     return float(np.mean(scores))
 
@@ -110,7 +115,7 @@ def main(argv=None) -> float:
             prompts = [train_prompts[i] for i in picked for _ in range(group)]
             ro = rollout(policy, tokenizer, prompts, cfg, banned)
             t1 = time.perf_counter()
-            items = [{"prompt": p, "response_token_ids": ids.tolist()} for p, ids in zip(prompts, ro.response_ids)]
+            items = rollout_items(ro)
             dense = client.dense_rewards(items, tokenizer=tokenizer, methods=methods or None, **shaping)
             token_rewards = as_torch(dense, length=cfg.response_tokens)
             scores = torch.tensor([d.score for d in dense])

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from service.deps import ExecutorDep, ShapingDep
+from service.deps import ExecutorDep
 from tokencredit.types import DenseRewardsRequest, DenseRewardsResponse, ErrorResponse, ShapingInfo, Usage
 from workers.engine import InvalidField
 
@@ -17,7 +17,7 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}
 
 @router.post("/v1/dense_rewards", response_model=DenseRewardsResponse, responses=_ERRORS)
 async def dense_rewards(
-    request: DenseRewardsRequest, executor: ExecutorDep, shaping: ShapingDep, http: Request
+    request: DenseRewardsRequest, executor: ExecutorDep, http: Request
 ) -> DenseRewardsResponse:
     """Explain the RM on each item and return one reward per policy token (Σ = score)."""
     started = time.perf_counter()
@@ -26,11 +26,14 @@ async def dense_rewards(
     if request.weights is not None:
         weights, info = request.weights, ShapingInfo(version=None, weights=request.weights.as_dict())
     elif request.shaping_version is not None:
+        # The store is read only for what the request uses (in broker mode every read is a Redis round trip).
         pinned = await http.app.state.shaping.pinned(request.shaping_version)
         if pinned is None:
-            raise InvalidField("shaping_version", f"unknown shaping version {request.shaping_version} (current: {shaping.version})")
+            current = await http.app.state.shaping.current()
+            raise InvalidField("shaping_version", f"unknown shaping version {request.shaping_version} (current: {current.version})")
         weights, info = pinned.weights, pinned.info()
     else:
+        shaping = await http.app.state.shaping.current()
         weights, info = shaping.weights, shaping.info()
     output = await executor.run(request, weights)
     metrics = http.app.state.metrics

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from tokencredit.bo.study import FAILED, Study, Trial
+from tokencredit.admin import TOKEN_ENV
+from tokencredit.bo.study import COMPLETE, FAILED, PENDING, Study, Trial
 from tokencredit.types import Component
 
 __all__ = ["add_parser", "parse_objective"]
 
-DEFAULT_COMPONENTS = "sparse,attention,shap,lime,loo"  # `prefix` needs a causal RM: opt in with --components
+# `prefix` needs a causal RM: opt in with --components.
+DEFAULT_COMPONENTS = ",".join(c.value for c in Component if c is not Component.prefix)
 
 
 def add_parser(subparsers) -> None:
@@ -52,7 +54,7 @@ def add_parser(subparsers) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--minimize", action="store_true", help="minimise the objective (default: maximise)")
     run.add_argument("--plot", help="PNG written after every observation (default: the study file's name .png)")
-    run.add_argument("--admin-token-env", default="TOKENCREDIT_ADMIN_TOKEN", help="variable holding the admin token")
+    run.add_argument("--admin-token-env", default=TOKEN_ENV, help="variable holding the admin token")
     run.add_argument("--timeout", type=float, default=None, help="seconds per objective command (default: none)")
     run.add_argument("--parallel", type=int, default=1, help="objective commands running at once (default 1)")
     run.set_defaults(func=cmd_run)
@@ -195,6 +197,7 @@ def cmd_run(args) -> int:
         # SIGTERM unwinds like Ctrl-C, so the objective commands (in their own sessions) are stopped too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     running: Dict = {}
+    plotted = False
     fatal: Optional[BaseException] = None
     pool = ThreadPoolExecutor(max_workers=args.parallel, thread_name_prefix="tokencredit-bo")
     try:
@@ -214,12 +217,13 @@ def cmd_run(args) -> int:
                     print(f"tokencredit bo: trial {trial.id}: pushing the weights failed: {exc}", file=sys.stderr)
                     continue
                 if outcome.error is None:
-                    bo.observe(trial, outcome.value, outcome.noise)
+                    trial = bo.observe(trial, outcome.value, outcome.noise)
                 else:
-                    bo.fail(trial, outcome.error)
+                    trial = bo.fail(trial, outcome.error)
                 best = bo.best()
                 _progress(study, trial, best, args.trials)
                 save_plot(study, plot_path, best)
+                plotted = True
     except BaseException:
         runner.kill_all()  # Ctrl-C: the objective commands run in their own sessions, stop them too
         raise
@@ -230,7 +234,8 @@ def cmd_run(args) -> int:
         return 1
     best = bo.best()
     if best is not None:
-        save_plot(study, plot_path, best)
+        if not plotted:  # a resumed study that had nothing left to run
+            save_plot(study, plot_path, best)
         print(f"best: trial {best.id} value {best.value:.6g} (shaping version {best.shaping_version}) "
               f"{_fmt_weights(best.weights)}", flush=True)
     print(f"study: {args.study}  plot: {plot_path}", flush=True)
@@ -238,7 +243,6 @@ def cmd_run(args) -> int:
 
 
 def _progress(study: Study, trial: Trial, best: Optional[Trial], total: int) -> None:
-    trial = study.trial(trial.id)
     result = f"FAILED ({trial.note})" if trial.status == FAILED else f"{trial.value:.6g}"
     if trial.noise is not None:
         result += f" ± {trial.noise:.3g}"
@@ -259,9 +263,9 @@ def cmd_status(args) -> int:
         best, how = BayesOpt(study).best(), "highest GP posterior mean among observed trials"
     except ImportError:  # botorch not installed: the raw best still says something
         best, how = study.best_observed(), "best observed value"
-    counts = {s: len(study.by_status(s)) for s in ("complete", "pending", "failed")}
-    print(f"study {path}: {len(study.trials)} trials ({counts['complete']} complete, {counts['pending']} pending, "
-          f"{counts['failed']} failed); {study.direction}; components {','.join(study.components)}; "
+    counts = {s: len(study.by_status(s)) for s in (COMPLETE, PENDING, FAILED)}
+    print(f"study {path}: {len(study.trials)} trials ({counts[COMPLETE]} complete, {counts[PENDING]} pending, "
+          f"{counts[FAILED]} failed); {study.direction}; components {','.join(study.components)}; "
           f"seed {study.seed}; n_init {study.n_init}")
     print(f"{'id':>4} {'status':9} {'source':6} {'version':>7} {'value':>12}  weights")
     for t in study.trials:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from tokencredit.bo.study import COMPLETE, FAILED, Study, Trial
+from tokencredit.bo.study import COMPLETE, FAILED, Study, Trial, atomic_write
 
 __all__ = ["save_plot"]
 
@@ -52,13 +50,5 @@ def save_plot(study: Study, path: Union[str, Path], best: Optional[Trial] = None
     bx.tick_params(axis="x", labelrotation=30)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     return path

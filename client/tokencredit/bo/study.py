@@ -17,7 +17,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 __all__ = ["Trial", "Study", "PENDING", "COMPLETE", "FAILED", "FORMAT"]
 
@@ -28,6 +28,20 @@ DIRECTIONS = ("maximize", "minimize")
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: readers (and a controller
+    killed mid-write) see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @dataclass
@@ -113,18 +127,14 @@ class Study:
             return
         with self._lock:
             text = json.dumps(self.to_json(), indent=1)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w") as f:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+
+            atomic_write(self.path, write)
 
     # ------------------------------------------------------------------------------------------------ changes
     def add_trial(self, weights: Dict[str, float], source: str) -> Trial:
