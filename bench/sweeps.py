@@ -13,23 +13,51 @@ from workers.evaluator import CoalitionEvaluator
 from workers.explainers import explain_shap
 
 
-def rows_for_fidelity(value_fn, n_tokens, reference, seeds, max_passes=4) -> None:
-    """Mean Spearman by number of antithetic passes (2T+1 rows each), with and without each lever."""
+def rows_for_fidelity(evaluator, inputs, references, seeds, max_passes=4) -> None:
+    """Mean Spearman by number of antithetic passes, shap's Permutation (independent orderings, 2T+1 rows a pass)
+    against ours (stratified positions, shared empty/full rows: 2 + P(2T−1) rows), over responses × seeds."""
+    n_tokens = inputs[0].n_tokens
     variants = {
-        "shap Permutation (antithetic)": "permutation",
-        "+ stratified positions (ours)": "stratified",
+        "shap Permutation (antithetic, independent orderings)": ("permutation", lambda p: p * (2 * n_tokens + 1)),
+        "stratified positions, shared empty/full rows (ours)": ("stratified", lambda p: 2 + p * (2 * n_tokens - 1)),
     }
-    print(f"\nrows needed for spearman >= 0.95 (mean over {len(seeds)} seeds; rows = passes x (2T+1))")
-    print("| estimator | " + " | ".join(f"{p} pass ({p * (2 * n_tokens + 1)} rows)" for p in range(1, max_passes + 1)) + " | rows for 0.95 |")
+    print(f"\nrows needed for spearman >= 0.95 (mean over {len(inputs)} response(s) x {len(seeds)} seed(s), "
+          f"+- standard error)")
+    print("| estimator | " + " | ".join(f"{p} pass(es)" for p in range(1, max_passes + 1)) + " | rows for 0.95 |")
     print("|---" * (max_passes + 2) + "|")
-    for label, estimator in variants.items():
-        means = []
+    for label, (estimator, rows_of) in variants.items():
+        cells, enough = [], None
         for passes in range(1, max_passes + 1):
-            rhos = [spearmanr(explain_shap(value_fn, n_tokens, estimator=estimator, max_rows=passes * (2 * n_tokens + 1),
-                                           seed=s).values, reference)[0] for s in seeds]
-            means.append(float(np.mean(rhos)))
-        enough = next((p * (2 * n_tokens + 1) for p, m in zip(range(1, max_passes + 1), means) if m >= 0.95), None)
-        print(f"| {label} | " + " | ".join(f"{m:.3f}" for m in means) + f" | {enough or '> ' + str(max_passes * (2 * n_tokens + 1))} |")
+            rhos = [spearmanr(explain_shap(lambda m, inp=inp: evaluator(inp, m), n_tokens, estimator=estimator,
+                                           max_rows=rows_of(passes), seed=s).values, reference)[0]
+                    for inp, reference in zip(inputs, references) for s in seeds]
+            mean, se = float(np.mean(rhos)), float(np.std(rhos) / np.sqrt(len(rhos)))
+            cells.append(f"{mean:.3f} +- {se:.3f} ({rows_of(passes)} rows)")
+            enough = enough or (rows_of(passes) if mean >= 0.95 else None)
+        print(f"| {label} | " + " | ".join(cells) + f" | {enough or '> ' + str(rows_of(max_passes))} |")
+
+
+def row_costs(model_fp32, model_fast, rm_input, rows: int = 256, repeats: int = 3) -> None:
+    """Milliseconds per coalition row: fp32, bf16 eager, bf16 compiled (when on), the same masks, interleaved."""
+    masks = np.random.default_rng(0).random((rows, rm_input.n_tokens)) < 0.5
+    compiled = model_fast.compiled_rows
+    variants = {"fp32 eager": (model_fp32, None), f"{model_fast.explain_dtype} eager": (model_fast, None)}
+    if compiled is not None:
+        variants[f"{model_fast.explain_dtype} compiled"] = (model_fast, compiled)
+    times = {name: [] for name in variants}
+    try:
+        for _ in range(repeats):
+            for name, (model, graph) in variants.items():
+                model.compiled_rows = graph
+                evaluator = CoalitionEvaluator(model)
+                start = time.perf_counter()
+                evaluator(rm_input, masks)
+                times[name].append((time.perf_counter() - start) / rows * 1000)
+    finally:
+        model_fast.compiled_rows = compiled
+    print("\nrow cost (ms per row, median of " + str(repeats) + ", " + str(rows) + " rows of "
+          + str(len(rm_input.input_ids)) + " tokens): "
+          + "; ".join(f"{name} {np.median(t):.2f}" for name, t in times.items()))
 
 
 def bf16_drift(model_fp32, model_fast, rm_input, budget, seed) -> None:
@@ -51,13 +79,14 @@ def bf16_drift(model_fp32, model_fast, rm_input, budget, seed) -> None:
 _WORKER = {}
 
 
-def _init(model_dir: str) -> None:
+def _init(model_dir: str, compile_rows: str, warm_job) -> None:
     from workers.evaluator import set_torch_threads
     from workers.model import RewardModel
 
     set_torch_threads(1)
-    _WORKER["model"] = RewardModel.load(model_dir)
+    _WORKER["model"] = RewardModel.load(model_dir, compile_rows=compile_rows)
     _WORKER["evaluator"] = CoalitionEvaluator(_WORKER["model"])
+    _explain(warm_job)  # every worker compiles and warms up before the clock starts
 
 
 def _explain(job) -> float:
@@ -69,11 +98,12 @@ def _explain(job) -> float:
     return time.perf_counter() - start
 
 
-def process_per_core(model_dir: str, jobs, processes: int = 2) -> float:
+def process_per_core(model_dir: str, jobs, processes: int = 2, compile_rows: str = "auto") -> float:
     """Seconds per response when `processes` single-thread workers explain `jobs` concurrently (warm)."""
     ctx = multiprocessing.get_context("spawn")  # torch is not fork-safe once threads exist
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init, initargs=(model_dir,)) as pool:
-        list(pool.map(_explain, jobs[:processes]))  # warm-up in every worker
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init,
+                             initargs=(model_dir, compile_rows, jobs[0])) as pool:
+        list(pool.map(_explain, jobs[:processes]))  # the pool starts its workers lazily: make sure all are up
         start = time.perf_counter()
         list(pool.map(_explain, jobs))
         return (time.perf_counter() - start) / len(jobs)

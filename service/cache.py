@@ -19,11 +19,15 @@ from tokencredit.types import DenseRewardItem, DenseRewardsRequest, ShapingWeigh
 __all__ = ["item_cache_key", "request_shared_part"]
 
 
-def request_shared_part(request: DenseRewardsRequest, weights: ShapingWeights, components: List[str], revision: str) -> dict:
-    """The part of the key shared by all items of a request."""
+def request_shared_part(
+    request: DenseRewardsRequest, weights: ShapingWeights, components: List[str], revision: str, numerics: str = ""
+) -> dict:
+    """The part of the key shared by all items of a request. `numerics` names how rows are computed (row dtype,
+    compiled or not): those change answers in the last digits, so a switch must not serve old cached answers."""
     methods = request.methods.model_dump(mode="json") if request.methods is not None else None
     return {
         "revision": revision,
+        "numerics": numerics,
         "components": components,
         "methods": methods,
         "weights": weights.as_dict(),

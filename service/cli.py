@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 # The model flags besides --model, as Settings fields; `worker --concurrency N` forwards the same list to its children.
 MODEL_FLAGS = ("device", "dtype", "explain_dtype", "rm_kind", "positive_label", "negative_label", "mask_token",
-               "torch_threads")
+               "torch_threads", "compile_rows")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-label", default=None)
     p.add_argument("--mask-token", default=None)
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--compile-rows", default=None, choices=["auto", "on", "off"],
+                   help="torch.compile an encoder RM's coalition rows: auto (default: on CPU), on, off")
 
 
 def _settings(args: argparse.Namespace, **extra):

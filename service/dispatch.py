@@ -185,7 +185,9 @@ class CeleryExecutor:
             raise Overloaded(f"{self._queued} items are already waiting for workers (limit {self.settings.max_queued_items})")
         prepared = await loop.run_in_executor(self._prepare_pool, self.engine.prepare, request)
         components = Engine.components_for(request, weights)
-        shared_key = request_shared_part(request, weights, [c.value for c in components], self.engine.model.revision)
+        numerics = f"rows={self.settings.explain_dtype},compile={self.settings.compile_rows}"
+        shared_key = request_shared_part(request, weights, [c.value for c in components], self.engine.model.revision,
+                                         numerics)
         cache_keys = [item_cache_key(shared_key, it) if self.settings.cache_ttl_s > 0 else None for it in request.items]
         cached = await self._redis_call(self._redis.mget, [keys.cache(self.prefix, k) for k in cache_keys if k]) if any(cache_keys) else []
         cached_iter = iter(cached)

@@ -40,6 +40,7 @@ def _env(broker: str, **settings) -> dict:
     env["TOKENCREDIT_STATE_DB"] = os.environ["TOKENCREDIT_STATE_DB"]  # the tests' own file (conftest)
     # Warm-up is shap's numba JIT (~20 s on 2 cores); these tests use shap-free weights.
     env["TOKENCREDIT_WARMUP"] = "false"
+    env["TOKENCREDIT_COMPILE_ROWS"] = os.environ.get("TOKENCREDIT_COMPILE_ROWS", "off")  # as the suite (conftest)
     env.update({f"TOKENCREDIT_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

@@ -10,6 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # their own file, so no test reads or leaves a version in ~/.cache/tokencredit.
 import tempfile  # noqa: E402
 
+# Compiled rows cost ~10 s of inductor compile per server start on the tiny RMs; the suite's servers run eager
+# rows, and tests/test_levers.py tests compiled rows (and their fallback) directly.
+os.environ.setdefault("TOKENCREDIT_COMPILE_ROWS", "off")
 os.environ["TOKENCREDIT_STATE_DB"] = os.path.join(tempfile.mkdtemp(prefix="tokencredit-tests-"), "shaping.sqlite3")
 
 import pytest

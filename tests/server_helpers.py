@@ -21,6 +21,7 @@ def spawn_server(model_dir, log_path: Path, **settings):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), TOKENCREDIT_WARMUP="false")
+    env["TOKENCREDIT_COMPILE_ROWS"] = os.environ.get("TOKENCREDIT_COMPILE_ROWS", "off")  # as the suite (conftest)
     env.update({f"TOKENCREDIT_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--port", str(port), "--log-level", "info"]
     with open(log_path, "ab") as log:

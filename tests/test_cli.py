@@ -50,3 +50,19 @@ def test_demo_model_if_missing_skips_existing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "already built" in out.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "tokencredit_demo.json"]
+
+
+def test_worker_children_get_every_model_flag(tmp_path):
+    from service.cli import build_parser
+    from service.config import Settings
+    from workers.worker_main import _child_command
+
+    args = build_parser().parse_args(["worker", "--model", str(tmp_path), "--broker", "redis://127.0.0.1:6379/0",
+                                 "--explain-dtype", "float32", "--compile-rows", "off", "--torch-threads", "1"])
+    settings = Settings(model=str(tmp_path), broker_url="redis://127.0.0.1:6379/0", explain_dtype="float32", compile_rows="off")
+    cmd = _child_command(settings, args, 0)
+    assert cmd[cmd.index("--explain-dtype") + 1] == "float32"
+    assert cmd[cmd.index("--torch-threads") + 1] == "1"
+    assert cmd[cmd.index("--compile-rows") + 1] == "off"
+    child = build_parser().parse_args(cmd[3:])  # the child parses its own command line back
+    assert child.compile_rows == "off" and child.explain_dtype == "float32"

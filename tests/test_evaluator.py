@@ -102,3 +102,22 @@ def test_long_prompts_are_cut_from_the_left(encoder_rm):
     assert inp.prompt_truncated
     assert len(inp.input_ids) <= encoder_rm.max_length
     assert encoder_rm.tokenizer.decode(inp.response_ids) == encoder_rm.tokenizer.decode(encoder_rm.encode("", RESPONSE).response_ids)
+
+
+def test_rows_use_sdpa_and_the_attention_row_still_reads_eager_weights(rm, encoder_rm_dir, causal_rm_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    assert rm.model.config._attn_implementation == "sdpa"
+    inp = rm.encode(PROMPT, RESPONSE)
+    row = CoalitionEvaluator(rm).attention(inp)
+    # The same weights loaded with eager attention, read directly: what ABC credit is defined on.
+    eager = AutoModelForSequenceClassification.from_pretrained(
+        encoder_rm_dir if rm.kind == "encoder" else causal_rm_dir, attn_implementation="eager"
+    ).eval()
+    ids = torch.from_numpy(inp.input_ids[None])
+    with torch.inference_mode():
+        attentions = eager(input_ids=ids, output_attentions=True).attentions[-1][0].mean(dim=0)
+    expected = attentions[inp.score_position].numpy()[inp.response_positions]
+    np.testing.assert_allclose(row, expected, atol=1e-6)
+    assert rm.model.config._attn_implementation == "sdpa"  # switched back for the rows
+    assert CoalitionEvaluator(rm).score(inp) == pytest.approx(_hf_score(rm, PROMPT, RESPONSE), abs=1e-5)

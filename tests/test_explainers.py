@@ -102,7 +102,10 @@ def test_shap_is_deterministic_for_a_seed_and_varies_across_seeds(encoder_rm):
 def test_shap_budget_below_minimum_is_refused(encoder_rm):
     value_fn, inp = _value_fn(encoder_rm, LONG)
     with pytest.raises(BudgetError) as info:
-        explain_shap(value_fn, inp.n_tokens, max_rows=2 * inp.n_tokens)
+        explain_shap(value_fn, inp.n_tokens, max_rows=2 * inp.n_tokens - 1)
+    assert info.value.minimum == 2 * inp.n_tokens  # stratified (default): the full row is not evaluated twice
+    with pytest.raises(BudgetError) as info:
+        explain_shap(value_fn, inp.n_tokens, estimator="permutation", max_rows=2 * inp.n_tokens)
     assert info.value.minimum == 2 * inp.n_tokens + 1
 
 
@@ -138,3 +141,40 @@ def test_lime_is_deterministic_and_tracks_the_model(encoder_rm):
     # LIME fits a local linear surrogate: on a small response it must correlate with the exact Shapley values.
     exact = exact_shapley(value_fn, n)
     assert np.corrcoef(a.values, exact)[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_stratified_rows_fit_the_budget_and_never_repeat_a_coalition(n):
+    seen = []
+
+    def game(masks):
+        seen.append(masks.copy())
+        return masks.astype(float) @ np.arange(1.0, n + 1)
+
+    att = explain_shap(game, n, estimator="stratified", max_rows=8 * n if n > 1 else 2, seed=0)
+    masks = np.concatenate(seen)
+    assert att.rows == len(masks) <= max(8 * n, 2)
+    # The empty and full coalitions are asked for once, not once per pass (cyclic shifts may still repeat a few
+    # interior coalitions across passes: the evaluator's dedup evaluates those once).
+    assert (~masks.any(axis=1)).sum() == 1 and masks.all(axis=1).sum() == 1
+    np.testing.assert_allclose(att.values, np.arange(1.0, n + 1))  # additive game: every antithetic pass is exact
+    with pytest.raises(BudgetError):
+        explain_shap(game, n, estimator="stratified", max_rows=2 * n - 1)
+
+
+def test_stratified_passes_beyond_t_keep_converging():
+    # Only T cyclic shifts of one ordering exist; more passes than that must bring new orderings, not repeats.
+    rng = np.random.default_rng(1)
+    n = 5
+    w, triple = rng.normal(size=n), rng.normal(size=(n, n, n))
+
+    def game(masks):
+        m = masks.astype(float)
+        return m @ w + np.einsum("ni,nj,nk,ijk->n", m, m, m, triple)
+
+    exact = exact_shapley(game, n)
+    few = [explain_shap(game, n, estimator="stratified", max_rows=2 + n * (2 * n - 1), seed=s).values for s in range(20)]
+    many = [explain_shap(game, n, estimator="stratified", max_rows=2 + 20 * n * (2 * n - 1), seed=s).values for s in range(20)]
+    err_few = np.mean([np.abs(v - exact).max() for v in few])
+    err_many = np.mean([np.abs(v - exact).max() for v in many])
+    assert err_many < 0.5 * err_few  # 20× the passes: ~4.5× smaller errors expected; repeated shifts give none

@@ -100,3 +100,49 @@ def test_chunk_size_follows_the_device(encoder_rm):
     assert CoalitionEvaluator(encoder_rm).chunk_size == 64
     gpu_like = type("M", (), {"device": "cuda:0"})()
     assert CoalitionEvaluator(gpu_like).chunk_size == 256
+
+
+def test_compiled_rows_match_eager_rows_and_the_score_is_untouched(encoder_rm_dir):
+    compiled = RewardModel.load(encoder_rm_dir, explain_dtype="float32", compile_rows="on")
+    eager = RewardModel.load(encoder_rm_dir, explain_dtype="float32", compile_rows="off")
+    assert compiled.compiled_rows is not None and eager.compiled_rows is None
+    calls = []
+    inner = compiled.compiled_rows
+    compiled.compiled_rows = lambda **kw: calls.append(kw["input_ids"].shape) or inner(**kw)
+    inp = compiled.encode(PROMPT, RESPONSE)
+    for rows, chunk in ((40, 16), (23, 64)):  # several batch sizes: one dynamic graph, no batch-of-one call
+        masks = _masks(inp.n_tokens, rows=rows)
+        a = CoalitionEvaluator(compiled, chunk_size=chunk)(inp, masks)
+        b = CoalitionEvaluator(eager, chunk_size=chunk)(inp, masks)
+        # Inductor fuses and reorders fp32 arithmetic: rounding-level differences only.
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+    assert calls and all(shape[0] > 1 for shape in calls)
+    # The sequence score R never runs through the compiled graph.
+    assert CoalitionEvaluator(compiled).score(inp) == CoalitionEvaluator(eager).score(inp)
+    assert len(calls) == sum(-(-rows // chunk) for rows, chunk in ((40, 16), (23, 64)))
+
+
+def test_compiled_rows_fall_back_to_eager_when_compilation_fails(encoder_rm_dir, caplog):
+    rm = RewardModel.load(encoder_rm_dir, explain_dtype="float32", compile_rows="off")
+    inp = rm.encode(PROMPT, RESPONSE)
+    masks = _masks(inp.n_tokens)
+    expected = CoalitionEvaluator(rm)(inp, masks)
+
+    def broken(**kw):
+        raise RuntimeError("InductorError: no C++ compiler")  # what a machine without a toolchain raises
+
+    rm.compiled_rows = broken
+    with caplog.at_level("WARNING", logger="tokencredit.model"):
+        np.testing.assert_allclose(CoalitionEvaluator(rm)(inp, masks), expected, atol=1e-6)
+    assert rm.compiled_rows is None and "rows run eager" in caplog.text
+
+
+def test_compile_rows_auto_is_on_for_encoders_on_cpu_only():
+    assert model_module._wants_compile("auto", "encoder", "cpu")
+    assert not model_module._wants_compile("auto", "encoder", "cuda:0")  # not measured on GPU
+    assert not model_module._wants_compile("auto", "causal", "cpu")  # piecewise backbone + KV cache stay eager
+    assert not model_module._wants_compile("on", "causal", "cpu")
+    assert model_module._wants_compile("on", "encoder", "cuda")
+    assert not model_module._wants_compile("off", "encoder", "cpu")
+    with pytest.raises(model_module.ModelLoadError, match="compile_rows"):
+        model_module._wants_compile("sometimes", "encoder", "cpu")

@@ -7,15 +7,20 @@ It loads with the real `from_pretrained(path)` from a local directory; the hub i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, Tuple
 
 import numpy as np
+
+logger = logging.getLogger("tokencredit.model")
 
 __all__ = ["RewardModel", "RMInput", "ScoreSpec", "ModelLoadError", "pick_device", "pick_dtype"]
 
@@ -162,6 +167,8 @@ class RewardModel:
     row_model: object = None
     # Reuse the prompt's KV cache for causal RMs (only response tokens are masked, so it is exact).
     kv_reuse: bool = True
+    # torch.compile'd row model (dynamic shapes, frozen weights); None = eager rows. See `compile_rows`.
+    compiled_rows: object = None
 
     @classmethod
     def load(
@@ -177,6 +184,7 @@ class RewardModel:
         max_length: Optional[int] = None,
         explain_dtype: str = "auto",
         kv_reuse: bool = True,
+        compile_rows: str = "off",
         load_weights: bool = True,
     ) -> "RewardModel":
         """Load an `AutoModelForSequenceClassification` directory.
@@ -191,6 +199,11 @@ class RewardModel:
             max_length: cap on RM input length; default the model's position limit.
             explain_dtype: precision of coalition rows: "auto", "float32", "bfloat16", "float16".
             kv_reuse: compute a causal RM's prompt once per explanation and reuse its KV cache.
+            compile_rows: "on", "off" or "auto" (on for encoder RMs on CPU): run an encoder RM's coalition rows
+                through `torch.compile(dynamic=True)` (inductor, frozen weights), ×1.45 per row on the demo RM (CPU,
+                bf16). The first row batch compiles (~16 s for the demo RM on CPU: the service warms up before it
+                reports ready); other lengths and batch sizes reuse the graph. Rows fall back to eager if
+                compilation fails. Not measured on GPU, so auto leaves it off there.
             load_weights: False builds the network on torch's meta device (structure, no weights): enough for
                 validation and layout (`Engine.prepare`) in a process that never runs the RM, such as the API
                 in front of Celery workers.
@@ -222,10 +235,7 @@ class RewardModel:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         if load_weights:
-            # Eager attention so that the attention explainer can read attention weights from the same model.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                root, dtype=getattr(torch, dtype), attn_implementation="eager"
-            )
+            model = _from_pretrained_fast_attention(AutoModelForSequenceClassification, root, getattr(torch, dtype))
             model.to(device).eval()
         else:
             with torch.device("meta"):
@@ -268,6 +278,7 @@ class RewardModel:
             explain_dtype=explain_dtype,
             row_model=row_model,
             kv_reuse=kv_reuse,
+            compiled_rows=_compiled(row_model) if load_weights and _wants_compile(compile_rows, kind, device) else None,
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -362,6 +373,20 @@ class RewardModel:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device)
         n = ids.shape[0]
         net = self._net(low_precision)
+        # Encoder rows only (causal RMs run their backbone piecewise and reuse the prompt's KV cache). Batches of
+        # one would specialise the dynamic graph and recompile (~20 s), so they stay eager.
+        if self.compiled_rows is not None and low_precision and not self.reads_last_position and n > 1:
+            try:
+                return self._scores_with(self.compiled_rows, ids, token_type_ids, None)
+            except Exception as exc:  # inductor needs a C++ toolchain; eager rows are always correct
+                logger.warning("compiled rows failed (%s: %s); rows run eager from now on", type(exc).__name__, exc)
+                self.compiled_rows = None
+        return self._scores_with(net, ids, token_type_ids, prompt_cache)
+
+    def _scores_with(self, net, ids, token_type_ids, prompt_cache) -> np.ndarray:
+        import torch
+
+        n = ids.shape[0]
         if self.reads_last_position:
             # Read the last position ourselves: HF picks the last non-pad token, which is wrong when the mask
             # id equals the pad id and the last response token is masked.
@@ -414,8 +439,54 @@ class RewardModel:
         kwargs = {"attention_mask": torch.ones_like(ids), "output_attentions": True}
         if rm_input.token_type_ids is not None:
             kwargs["token_type_ids"] = torch.from_numpy(rm_input.token_type_ids[None]).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _eager_attention(self.model):
             out = self.model(input_ids=ids, **kwargs)
         last = out.attentions[-1][0].float().mean(dim=0)  # [L, L], heads averaged
         row = last[rm_input.score_position].double().cpu().numpy()
         return row[rm_input.response_positions]
+
+
+_ATTENTION_SWITCH = threading.Lock()
+
+
+def _from_pretrained_fast_attention(auto_class, root, torch_dtype):
+    """SDPA attention where the architecture has it (rows measured ~12 % faster than eager on the demo RM, CPU
+    bf16; more on GPU), eager otherwise. `attention_row` switches to eager for the one pass that needs weights."""
+    try:
+        return auto_class.from_pretrained(root, dtype=torch_dtype, attn_implementation="sdpa")
+    except (ValueError, ImportError):
+        return auto_class.from_pretrained(root, dtype=torch_dtype, attn_implementation="eager")
+
+
+@contextlib.contextmanager
+def _eager_attention(model):
+    """Eager attention for one call: SDPA cannot return attention weights. Under a lock, so two threads never
+    interleave the switch; a row batch running meanwhile in another thread is still correct, only slower."""
+    with _ATTENTION_SWITCH:
+        previous = getattr(model.config, "_attn_implementation", "eager")
+        if previous != "eager":
+            model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if previous != "eager":
+                model.set_attn_implementation(previous)
+
+
+def _wants_compile(compile_rows, kind: str, device: str) -> bool:
+    choice = {True: "on", False: "off"}.get(compile_rows, compile_rows)
+    if choice not in ("on", "off", "auto"):
+        raise ModelLoadError(f"compile_rows must be auto, on or off, got {compile_rows!r}")
+    if choice == "auto":
+        return kind == "encoder" and device == "cpu"
+    return choice == "on" and kind == "encoder"
+
+
+def _compiled(row_model):
+    """The row model under inductor with frozen weights (constant-folded, prepacked for oneDNN on CPU): measured
+    on the demo RM, CPU bf16. Dynamic shapes so that new response lengths and chunk sizes do not recompile."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights never change while serving; rows always run under inference_mode
+    return torch.compile(row_model, dynamic=True)
