@@ -137,12 +137,14 @@ def test_compiled_rows_fall_back_to_eager_when_compilation_fails(encoder_rm_dir,
     assert rm.compiled_rows is None and "rows run eager" in caplog.text
 
 
-def test_compile_rows_auto_is_on_for_encoders_on_cpu_only():
-    assert model_module._wants_compile("auto", "encoder", "cpu")
-    assert not model_module._wants_compile("auto", "encoder", "cuda:0")  # not measured on GPU
-    assert not model_module._wants_compile("auto", "causal", "cpu")  # piecewise backbone + KV cache stay eager
-    assert not model_module._wants_compile("on", "causal", "cpu")
-    assert model_module._wants_compile("on", "encoder", "cuda")
-    assert not model_module._wants_compile("off", "encoder", "cpu")
+def test_compile_rows_auto_is_on_for_encoders_on_cpu_only(encoder_rm_dir):
+    from workers.row_backends import wants_compile
+
+    assert wants_compile("auto", "encoder", "cpu")
+    assert not wants_compile("auto", "encoder", "cuda:0")  # not measured on GPU
+    assert not wants_compile("auto", "causal", "cpu")  # piecewise backbone + KV cache stay eager
+    assert not wants_compile("on", "causal", "cpu")
+    assert wants_compile("on", "encoder", "cuda")
+    assert not wants_compile("off", "encoder", "cpu")
     with pytest.raises(model_module.ModelLoadError, match="compile_rows"):
-        model_module._wants_compile("sometimes", "encoder", "cpu")
+        RewardModel.load(encoder_rm_dir, compile_rows="sometimes")

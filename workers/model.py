@@ -7,18 +7,18 @@ It loads with the real `from_pretrained(path)` from a local directory; the hub i
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, Tuple
 
 import numpy as np
+
+from workers.row_backends import compiled_row_model, eager_attention, from_pretrained_fast_attention, wants_compile
 
 logger = logging.getLogger("tokencredit.model")
 
@@ -200,8 +200,8 @@ class RewardModel:
             explain_dtype: precision of coalition rows: "auto", "float32", "bfloat16", "float16".
             kv_reuse: compute a causal RM's prompt once per explanation and reuse its KV cache.
             compile_rows: "on", "off" or "auto" (on for encoder RMs on CPU): run an encoder RM's coalition rows
-                through `torch.compile(dynamic=True)` (inductor, frozen weights), ×1.45 per row on the demo RM (CPU,
-                bf16). The first row batch compiles (~16 s for the demo RM on CPU: the service warms up before it
+                through `torch.compile(dynamic=True)` (inductor, frozen weights), ×1.33 per row on the demo RM (CPU,
+                bf16; bench/RESULTS.md). The first row batch compiles (~16 s for the demo RM on CPU: the service warms up before it
                 reports ready); other lengths and batch sizes reuse the graph. Rows fall back to eager if
                 compilation fails. Not measured on GPU, so auto leaves it off there.
             load_weights: False builds the network on torch's meta device (structure, no weights): enough for
@@ -234,8 +234,12 @@ class RewardModel:
             raise ModelLoadError(f"{root} has no fast tokenizer (tokenizer.json); offsets are needed for alignment")
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
+        try:
+            compile_wanted = wants_compile(compile_rows, kind, device)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
         if load_weights:
-            model = _from_pretrained_fast_attention(AutoModelForSequenceClassification, root, getattr(torch, dtype))
+            model = from_pretrained_fast_attention(AutoModelForSequenceClassification, root, getattr(torch, dtype))
             model.to(device).eval()
         else:
             with torch.device("meta"):
@@ -278,7 +282,7 @@ class RewardModel:
             explain_dtype=explain_dtype,
             row_model=row_model,
             kv_reuse=kv_reuse,
-            compiled_rows=_compiled(row_model) if load_weights and _wants_compile(compile_rows, kind, device) else None,
+            compiled_rows=compiled_row_model(row_model) if load_weights and compile_wanted else None,
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -439,54 +443,9 @@ class RewardModel:
         kwargs = {"attention_mask": torch.ones_like(ids), "output_attentions": True}
         if rm_input.token_type_ids is not None:
             kwargs["token_type_ids"] = torch.from_numpy(rm_input.token_type_ids[None]).to(self.device)
-        with torch.inference_mode(), _eager_attention(self.model):
+        with torch.inference_mode(), eager_attention(self.model):
             out = self.model(input_ids=ids, **kwargs)
         last = out.attentions[-1][0].float().mean(dim=0)  # [L, L], heads averaged
         row = last[rm_input.score_position].double().cpu().numpy()
         return row[rm_input.response_positions]
 
-
-_ATTENTION_SWITCH = threading.Lock()
-
-
-def _from_pretrained_fast_attention(auto_class, root, torch_dtype):
-    """SDPA attention where the architecture has it (rows measured ~12 % faster than eager on the demo RM, CPU
-    bf16; more on GPU), eager otherwise. `attention_row` switches to eager for the one pass that needs weights."""
-    try:
-        return auto_class.from_pretrained(root, dtype=torch_dtype, attn_implementation="sdpa")
-    except (ValueError, ImportError):
-        return auto_class.from_pretrained(root, dtype=torch_dtype, attn_implementation="eager")
-
-
-@contextlib.contextmanager
-def _eager_attention(model):
-    """Eager attention for one call: SDPA cannot return attention weights. Under a lock, so two threads never
-    interleave the switch; a row batch running meanwhile in another thread is still correct, only slower."""
-    with _ATTENTION_SWITCH:
-        previous = getattr(model.config, "_attn_implementation", "eager")
-        if previous != "eager":
-            model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            if previous != "eager":
-                model.set_attn_implementation(previous)
-
-
-def _wants_compile(compile_rows, kind: str, device: str) -> bool:
-    choice = {True: "on", False: "off"}.get(compile_rows, compile_rows)
-    if choice not in ("on", "off", "auto"):
-        raise ModelLoadError(f"compile_rows must be auto, on or off, got {compile_rows!r}")
-    if choice == "auto":
-        return kind == "encoder" and device == "cpu"
-    return choice == "on" and kind == "encoder"
-
-
-def _compiled(row_model):
-    """The row model under inductor with frozen weights (constant-folded, prepacked for oneDNN on CPU): measured
-    on the demo RM, CPU bf16. Dynamic shapes so that new response lengths and chunk sizes do not recompile."""
-    import torch
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # weights never change while serving; rows always run under inference_mode
-    return torch.compile(row_model, dynamic=True)
