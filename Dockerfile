@@ -1,6 +1,8 @@
 # Image for docker-compose.yml (api and worker run the same image with different commands).
 FROM python:3.11-slim
 WORKDIR /app
+# A C++ compiler for torch.compile'd coalition rows (--compile-rows auto on CPU); without one rows fall back to eager.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch pinned; pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 for a GPU worker image.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}
