@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     explain_dtype: str = "auto"
     # Reuse a causal RM's prompt KV cache across coalition rows (exact).
     kv_reuse: bool = True
-    # torch.compile an encoder RM's coalition rows: auto (on CPU), on, off. ×1.45 per row on the demo RM; the
+    # torch.compile an encoder RM's coalition rows: auto (on CPU), on, off. ×1.33 per row on the demo RM; the
     # compile (~16 s) happens during warm-up, before health reports ready.
     compile_rows: Literal["auto", "on", "off"] = "auto"
     rm_kind: str = "auto"

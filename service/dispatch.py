@@ -124,6 +124,8 @@ class CeleryExecutor:
 
     def __init__(self, settings, metrics=None):
         self.settings = settings
+        # How rows are computed; part of every cache key (see service.cache.request_shared_part).
+        self._numerics = f"rows={settings.explain_dtype},compile={settings.compile_rows}"
         self.metrics = metrics
         self.engine: Optional[Engine] = None  # the validator: real Engine.prepare on a weightless RewardModel
         self.load_error: Optional[str] = None
@@ -185,9 +187,8 @@ class CeleryExecutor:
             raise Overloaded(f"{self._queued} items are already waiting for workers (limit {self.settings.max_queued_items})")
         prepared = await loop.run_in_executor(self._prepare_pool, self.engine.prepare, request)
         components = Engine.components_for(request, weights)
-        numerics = f"rows={self.settings.explain_dtype},compile={self.settings.compile_rows}"
         shared_key = request_shared_part(request, weights, [c.value for c in components], self.engine.model.revision,
-                                         numerics)
+                                         self._numerics)
         cache_keys = [item_cache_key(shared_key, it) if self.settings.cache_ttl_s > 0 else None for it in request.items]
         cached = await self._redis_call(self._redis.mget, [keys.cache(self.prefix, k) for k in cache_keys if k]) if any(cache_keys) else []
         cached_iter = iter(cached)

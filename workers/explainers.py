@@ -149,8 +149,8 @@ def permutation_shapley(
 
     Each pass walks a permutation forward (adding tokens) and back (removing them), with exact efficiency by
     telescoping; antithetic pairs make every pass exact for games with at most pairwise interactions. Pass p
-    shifts one random ordering cyclically by p·T/P positions (a fresh ordering per T passes), so every token visits every coalition-size stratum
-    evenly across the P passes instead of at random; each pass is still a uniformly random permutation
+    shifts one random ordering cyclically by p·T/P positions (a fresh ordering per T passes), so every token
+    visits every coalition-size stratum evenly across the P passes instead of at random; each pass is still a uniformly random permutation
     (unbiased). Marginal contributions depend on where a token sits (early: little context, late: much), so
     spreading positions lowers the variance: on the demo RM, 3 stratified passes matched 4 independent ones
     (bench/RESULTS.md). The empty and full coalitions are evaluated once, not once per pass.

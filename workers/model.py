@@ -201,8 +201,8 @@ class RewardModel:
             kv_reuse: compute a causal RM's prompt once per explanation and reuse its KV cache.
             compile_rows: "on", "off" or "auto" (on for encoder RMs on CPU): run an encoder RM's coalition rows
                 through `torch.compile(dynamic=True)` (inductor, frozen weights), ×1.33 per row on the demo RM (CPU,
-                bf16; bench/RESULTS.md). The first row batch compiles (~16 s for the demo RM on CPU: the service warms up before it
-                reports ready); other lengths and batch sizes reuse the graph. Rows fall back to eager if
+                bf16; bench/RESULTS.md). The first row batch compiles (~16 s for the demo RM on CPU: the service
+                warms up before it reports ready); other lengths and batch sizes reuse the graph. Rows fall back to eager if
                 compilation fails. Not measured on GPU, so auto leaves it off there.
             load_weights: False builds the network on torch's meta device (structure, no weights): enough for
                 validation and layout (`Engine.prepare`) in a process that never runs the RM, such as the API
@@ -448,4 +448,3 @@ class RewardModel:
         last = out.attentions[-1][0].float().mean(dim=0)  # [L, L], heads averaged
         row = last[rm_input.score_position].double().cpu().numpy()
         return row[rm_input.response_positions]
-

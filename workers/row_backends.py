@@ -37,12 +37,11 @@ def eager_attention(model):
 
 
 def wants_compile(compile_rows, kind: str, device: str) -> bool:
-    choice = {True: "on", False: "off"}.get(compile_rows, compile_rows)
-    if choice not in ("on", "off", "auto"):
+    if compile_rows not in ("on", "off", "auto"):
         raise ValueError(f"compile_rows must be auto, on or off, got {compile_rows!r}")
-    if choice == "auto":
+    if compile_rows == "auto":
         return kind == "encoder" and device == "cpu"
-    return choice == "on" and kind == "encoder"
+    return compile_rows == "on" and kind == "encoder"
 
 
 def compiled_row_model(row_model):

@@ -263,7 +263,7 @@ class AsyncClient(BaseClient):
     async def dense_rewards(self, items: Sequence[Any], *, tokenizer: Any = None, policy_tokenizer: Optional[str] = None,
                             weights: Optional[Mapping[str, float]] = None, methods: Optional[Dict[str, Any]] = None,
                             on_error: Optional[str] = None, deadline_ms: Optional[int] = None,
-                      shaping_version: Optional[int] = None) -> List[Optional[DenseReward]]:
+                            shaping_version: Optional[int] = None) -> List[Optional[DenseReward]]:
         """See `Client.dense_rewards`."""
         kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms)
         results, failed, outcomes = await self._drive(self._dense_flow(items, weights=weights, on_error=on_error,
