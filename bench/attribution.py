@@ -28,7 +28,9 @@ from bench.causal_levers import causal_section  # noqa: E402
 from bench.recording import ForwardRecorder  # noqa: E402
 from bench.sweeps import bf16_drift, process_per_core, row_costs, rows_for_fidelity  # noqa: E402
 from workers.evaluator import CoalitionEvaluator, RowCounter, set_torch_threads  # noqa: E402
-from workers.explainers import default_lime_samples, default_shap_rows, explain_lime, explain_loo, explain_shap  # noqa: E402
+from workers.explainers import (  # noqa: E402
+    default_lime_samples, default_shap_rows, explain_lime, explain_loo, explain_shap, stratified_rows,
+)
 from workers.model import RewardModel  # noqa: E402
 
 PROMPT = "Write a short review."
@@ -125,7 +127,7 @@ def main() -> None:
 
     results: dict[str, list] = {}
     inputs, references = [], []
-    repeats = 1 if args.quick else 2  # seconds are the best of `repeats` runs (same seed, same rows)
+    repeats = 2  # seconds are the best of 2 runs (same seed, same rows); single runs swung engine/forward 0.6–1.2
 
     def record(name, rows, seconds, values, reference, ratio=None):
         rho = spearmanr(values, reference)[0] if values is not None else float("nan")
@@ -144,7 +146,7 @@ def main() -> None:
                                                          max_rows=shap_budget, seed=seed).values)
         again = lambda: timed(lambda: explain_shap(value_fn, T, estimator=estimator, max_rows=shap_budget, seed=seed))[1]  # noqa: E731
         seconds = best_of(again, seconds)
-        forward = min(recorder.replay() for _ in range(max(2, repeats)))  # the ratio errs high, never low
+        forward = min(recorder.replay() for _ in range(repeats))  # the ratio errs high, never low
         record(label, counter.rows, seconds, values, reference, seconds / forward)
 
     for r in range(n_responses):
@@ -213,7 +215,7 @@ def main() -> None:
     model_fp32 = RewardModel.load(args.model, explain_dtype="float32")
     # Quick mode keeps under 2 minutes: fewer rows for the row costs, 2 passes for the drift's fp32 explanation.
     row_costs(model_fp32, model, inputs[0], rows=128 if args.quick else 256, repeats=1 if args.quick else 3)
-    bf16_drift(model_fp32, model, inputs[0], 2 + 2 * (2 * T - 1) if args.quick else shap_budget, 0)
+    bf16_drift(model_fp32, model, inputs[0], stratified_rows(T, 2) if args.quick else shap_budget, 0)
     causal_section(quick=args.quick, kv=not args.no_kv, bf16=not args.no_bf16)
     print(f"summary: shap_speedup_vs_default={speedup:.2f} shap_spearman={ours[2]:.3f} "
           f"shap_rows_per_token={ours[0] / T:.2f} engine_over_forward={ours[4]:.3f}")

@@ -10,16 +10,16 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from workers.evaluator import CoalitionEvaluator
-from workers.explainers import explain_shap
+from workers.explainers import explain_shap, stratified_rows
 
 
 def rows_for_fidelity(evaluator, inputs, references, seeds, max_passes=4) -> None:
     """Mean Spearman by number of antithetic passes, shap's Permutation (independent orderings, 2T+1 rows a pass)
-    against ours (stratified positions, shared empty/full rows: 2 + P(2T−1) rows), over responses × seeds."""
+    against ours (stratified positions, shared empty/full rows: 2 + 2P(T−1) rows), over responses × seeds."""
     n_tokens = inputs[0].n_tokens
     variants = {
         "shap Permutation (antithetic, independent orderings)": ("permutation", lambda p: p * (2 * n_tokens + 1)),
-        "stratified positions, shared empty/full rows (ours)": ("stratified", lambda p: 2 + p * (2 * n_tokens - 1)),
+        "stratified positions, shared empty/full rows (ours)": ("stratified", lambda p: stratified_rows(n_tokens, p)),
     }
     print(f"\nrows needed for spearman >= 0.95 (mean over {len(inputs)} response(s) x {len(seeds)} seed(s), "
           f"+- standard error)")

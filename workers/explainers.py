@@ -25,6 +25,7 @@ __all__ = [
     "explain_loo",
     "permutation_shapley",
     "stratified_passes",
+    "stratified_rows",
 ]
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
@@ -52,7 +53,7 @@ class Attribution:
 
 
 def default_shap_rows(n_tokens: int) -> int:
-    """8 rows per token: four stratified antithetic passes (8T − 2 rows; three for shap's PermutationExplainer,
+    """8 rows per token: four stratified antithetic passes (8T − 6 rows; three for shap's PermutationExplainer,
     which repeats the empty and full rows). Chosen from the bench: Spearman ≥ 0.95 on the demo RM needs 4."""
     return max(8 * n_tokens, 2 * n_tokens + 1)
 
@@ -132,10 +133,15 @@ def explain_shap(
     return Attribution(values=values, base_value=base, full_value=full, rows=rows[0])
 
 
+def stratified_rows(n_tokens: int, passes: int) -> int:
+    """Rows of `passes` stratified passes: the empty and full coalitions once, then T − 1 forward and T − 1
+    backward interior rows per pass (4 passes = 8T − 6 rows)."""
+    return 2 + 2 * passes * (n_tokens - 1)
+
+
 def stratified_passes(n_tokens: int, budget: int) -> int:
-    """Antithetic passes that fit in `budget` rows: the empty and full coalitions are shared by every pass, so a
-    pass costs 2T − 1 new rows after the first two (4 passes = 8T − 2 rows)."""
-    return max(1, (int(budget) - 2) // max(1, 2 * n_tokens - 1))
+    """The most stratified passes whose rows fit in `budget` (at least one)."""
+    return max(1, (int(budget) - 2) // max(1, 2 * (n_tokens - 1)))
 
 
 def permutation_shapley(
@@ -187,7 +193,7 @@ def permutation_shapley(
         phi[order] += np.diff(forward)  # adding order[k] moves forward row k → k+1
         phi[order] -= np.diff(backward)  # removing order[k] moves backward row k → k+1
     phi /= 2 * passes
-    return Attribution(values=phi, base_value=empty, full_value=full, rows=2 + passes * 2 * (T - 1))
+    return Attribution(values=phi, base_value=empty, full_value=full, rows=stratified_rows(T, passes))
 
 
 def explain_lime(
