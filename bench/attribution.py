@@ -1,6 +1,7 @@
 """Attribution benchmark: rows, seconds and fidelity per method, against shap's default text explainer.
 
     python bench/attribution.py [--quick] [--model DIR] [--responses N] [--no-bf16] [--no-kv] [--no-dedup] [--no-compile]
+                                [--no-prune]
 
 Every figure comes from this one run (the machine is noisy; compare ratios, not absolute times). Fidelity is
 Spearman correlation and top-5 overlap (by |value|) against a converged reference: Permutation SHAP with
@@ -90,7 +91,8 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--quick", action="store_true", help="1 response, smaller reference: under 2 minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 response, smaller reference, eager rows, our default estimator only: under 2 minutes")
     parser.add_argument("--responses", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--ref-rows", type=int, default=None)
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--no-kv", action="store_true", help="no prompt KV reuse (causal section)")
     parser.add_argument("--no-dedup", action="store_true", help="evaluate duplicate coalitions again")
     parser.add_argument("--no-compile", action="store_true", help="eager coalition rows (no torch.compile)")
+    parser.add_argument("--no-prune", action="store_true", help="rows run the full last layer (not only [CLS])")
     args = parser.parse_args()
     n_responses = args.responses or (1 if args.quick else 3)
     ref_rows = args.ref_rows or (12 * 129 if args.quick else 160 * 129)
@@ -108,8 +111,10 @@ def main() -> None:
 
         args.model = str(ensure_demo_model())
     set_torch_threads(args.threads)
-    model = RewardModel.load(args.model, explain_dtype="float32" if args.no_bf16 else "auto",
-                             compile_rows="off" if args.no_compile else "auto")  # the service's defaults
+    # Quick mode runs eager rows: compiling costs 20-50 s of warm-up, more than the rest of a quick run saves.
+    compile_rows = "off" if args.no_compile or args.quick else "auto"
+    model = RewardModel.load(args.model, explain_dtype="float32" if args.no_bf16 else "auto", compile_rows=compile_rows,
+                             prune_last_layer=not args.no_prune)  # the service's defaults
     evaluator = CoalitionEvaluator(model, dedup=not args.no_dedup)
     T = args.tokens
     shap_budget = int(round(args.shap_rows_per_token * T)) if args.shap_rows_per_token else default_shap_rows(T)
@@ -169,7 +174,8 @@ def main() -> None:
         record("shap default (Partition 500, fp32)", rows, seconds, aligned, reference)
 
         ours_row("shap (ours)", "stratified", value_fn, reference, r)
-        ours_row("shap (ours, shap's Permutation)", "permutation", value_fn, reference, r)
+        if not args.quick:
+            ours_row("shap (ours, shap's Permutation)", "permutation", value_fn, reference, r)
 
         counter = RowCounter()
         lime, seconds = timed(lambda: explain_lime(lambda m: value_fn(m, counter), T, seed=r).values)
@@ -184,7 +190,8 @@ def main() -> None:
 
     print(f"\nmodel {model.name} ({model.kind}, rows in {model.explain_dtype}, dedup {'off' if args.no_dedup else 'on'}), "
           f"{n_responses} response(s) of {T} tokens, reference {ref_rows} rows, {args.threads} torch thread(s), "
-          f"seconds best of {repeats} run(s), rows compiled: {model.compiled_rows is not None}\n")
+          f"seconds best of {repeats} run(s), rows compiled: {model.compiled_rows is not None}, "
+          f"last layer at the score position only: {model.score_position_rows}\n")
     header = f"| {'method':<36} | {'rows/resp':>9} | {'s/resp':>7} | {'spearman':>8} | {'top-5':>5} | {'engine/forward':>14} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -205,17 +212,23 @@ def main() -> None:
         default_2t = float(np.mean([shap_default(model, response_of(model, T, r), threads=2)[1]
                                     for r in range(n_responses)]))
         jobs = [(PROMPT, response_of(model, T, r), shap_budget, r) for r in range(6)]
-        parallel = process_per_core(args.model, jobs, processes=2, compile_rows="off" if args.no_compile else "auto")
+        parallel = process_per_core(args.model, jobs, processes=2, compile_rows=compile_rows,
+                                    prune_last_layer=not args.no_prune)
         print(f"whole machine: shap (ours), one process per core (2 x 1 thread) {parallel:.3f} s per response; "
               f"shap default with torch's 2 threads {default_2t:.3f} s -> {default_2t / parallel:.1f}x "
               f"({default[1] / parallel:.1f}x shap default's 1-thread time)")
-    seeds = range(1) if args.quick else range(4)
-    rows_for_fidelity(evaluator, inputs[:1] if args.quick else inputs, references, seeds,
-                      max_passes=3 if args.quick else 4)
-    model_fp32 = RewardModel.load(args.model, explain_dtype="float32")
-    # Quick mode keeps under 2 minutes: fewer rows for the row costs, 2 passes for the drift's fp32 explanation.
-    row_costs(model_fp32, model, inputs[0], rows=128 if args.quick else 256, repeats=1 if args.quick else 3)
-    bf16_drift(model_fp32, model, inputs[0], stratified_rows(T, 2) if args.quick else shap_budget, 0)
+    if args.quick:  # one response and one seed say little about rows for 0.95, and cost 8 s of the 2 minutes
+        print("\nrows needed for spearman >= 0.95: skipped in --quick (3 responses x 4 seeds in the full run)")
+    else:
+        rows_for_fidelity(evaluator, inputs, references, range(4), max_passes=4)
+    model_fp32 = RewardModel.load(args.model, explain_dtype="float32", prune_last_layer=not args.no_prune)
+    model_full = None if not model.score_position_rows else RewardModel.load(
+        args.model, explain_dtype=model.explain_dtype, prune_last_layer=False)
+    # Quick mode keeps under 2 minutes: fewer rows for the row costs, fewer coalitions and 1 pass for the drift.
+    row_costs(model_fp32, model, inputs[0], rows=128 if args.quick else 256, repeats=1 if args.quick else 3,
+              model_full_last_layer=model_full)
+    bf16_drift(model_fp32, model, inputs[0], stratified_rows(T, 1) if args.quick else shap_budget, 0,
+               coalitions=128 if args.quick else 256)
     causal_section(quick=args.quick, kv=not args.no_kv, bf16=not args.no_bf16)
     print(f"summary: shap_speedup_vs_default={speedup:.2f} shap_spearman={ours[2]:.3f} "
           f"shap_rows_per_token={ours[0] / T:.2f} engine_over_forward={ours[4]:.3f}")

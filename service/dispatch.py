@@ -124,8 +124,10 @@ class CeleryExecutor:
 
     def __init__(self, settings, metrics=None):
         self.settings = settings
-        # How rows are computed; part of every cache key (see service.cache.request_shared_part).
-        self._numerics = f"rows={settings.explain_dtype},compile={settings.compile_rows}"
+        # How rows are computed; part of every cache key (see service.cache.request_shared_part). `last_layer`
+        # marks rows that run the last layer at the score position only (same arithmetic, other bf16 rounding),
+        # so answers cached before it are not served as if computed by it.
+        self._numerics = f"rows={settings.explain_dtype},compile={settings.compile_rows},last_layer=score_position"
         self.metrics = metrics
         self.engine: Optional[Engine] = None  # the validator: real Engine.prepare on a weightless RewardModel
         self.load_error: Optional[str] = None

@@ -72,23 +72,31 @@ def _random_search(seed: int, budget: int) -> float:
     return f(points[int(observed.argmax())])
 
 
-def test_bo_gets_near_the_optimum_and_beats_random_search():
-    budget, n_init = 20, 6
-    noise = np.random.default_rng(1234)
-    bo = BayesOpt(Study(COMPONENTS, seed=0, n_init=n_init), num_restarts=4, raw_samples=128)  # fast settings
+def _bo_search(seed: int, budget: int, n_init: int) -> float:
+    """One BO study on the noisy objective; the true f of the weights it reports as best."""
+    noise = np.random.default_rng(1234 + seed)
+    bo = BayesOpt(Study(COMPONENTS, seed=seed, n_init=n_init), num_restarts=4, raw_samples=128)  # fast settings
     for _ in range(budget):
         trial = bo.suggest()
         assert _on_simplex(trial.weights)
         bo.observe(trial, f(trial.weights) + noise.normal(0.0, NOISE_SD))
     assert [t.source for t in bo.study.trials] == ["sobol"] * n_init + ["bo"] * (budget - n_init)
-    f_best = f(bo.best().weights)
+    return f(bo.best().weights)
+
+
+def test_bo_gets_near_the_optimum_and_beats_random_search():
+    # Three studies, not one: a single seed's outcome also depends on the CPU's floating-point paths through
+    # the GP fit (one seed gave 0.987 on one machine and 0.960 on another), so the claim is about the median.
+    budget, n_init = 20, 6
+    bests = [_bo_search(seed, budget, n_init) for seed in range(3)]
     # "Within 5 % of the optimum" as a share of the objective's range on the simplex, (f* − f(best)) / (f* − f_min):
     # unlike a share of f* it does not change when a constant is added to the objective.
-    gap = (F_STAR - f_best) / (F_STAR - F_MIN)
+    gaps = [(F_STAR - b) / (F_STAR - F_MIN) for b in bests]
     random_median = float(np.median([_random_search(seed, budget) for seed in range(11)]))
-    print(f"\nf(best)={f_best:.4f} f*={F_STAR} f_min={F_MIN:.3f} gap={gap:.2%} random-search median={random_median:.4f}")
-    assert gap <= 0.05
-    assert f_best > random_median
+    print(f"\nf(best)={[round(b, 4) for b in bests]} f*={F_STAR} f_min={F_MIN:.3f} "
+          f"gaps={[f'{g:.2%}' for g in gaps]} random-search median={random_median:.4f}")
+    assert max(gaps) <= 0.05
+    assert float(np.median(bests)) > random_median
 
 
 def test_pending_suggestions_differ_and_observations_come_in_any_order(tmp_path):

@@ -148,3 +148,60 @@ def test_compile_rows_auto_is_on_for_encoders_on_cpu_only(encoder_rm_dir):
     assert not wants_compile("off", "encoder", "cpu")
     with pytest.raises(model_module.ModelLoadError, match="compile_rows"):
         RewardModel.load(encoder_rm_dir, compile_rows="sometimes")
+
+
+def _random_ids(vocab, rows=12, length=23, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (rows, length), generator=generator)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_score_position_rows_equal_the_full_model(arch):
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    from workers.score_position_rows import score_position_rows
+
+    shape = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64, num_labels=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    if arch == "bert":
+        model = BertForSequenceClassification(BertConfig(**shape)).eval()
+    else:
+        model = RobertaForSequenceClassification(RobertaConfig(**shape, pad_token_id=1)).eval()
+    rows = score_position_rows(model)
+    assert rows is not None
+    ids = _random_ids(shape["vocab_size"])
+    types = torch.zeros_like(ids)
+    with torch.inference_mode():
+        full = model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types).logits
+        pruned = rows(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types).logits
+    # The same operations on position 0, only the other positions' last-layer work skipped: fp32 rounding only.
+    assert full.std() > 0.05  # a real spread of scores, so agreement is not trivial
+    torch.testing.assert_close(pruned, full, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_layouts_keep_the_full_model(causal_rm_dir):
+    from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+
+    from workers.score_position_rows import score_position_rows
+
+    shape = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    assert score_position_rows(BertForSequenceClassification(BertConfig(**shape, chunk_size_feed_forward=4))) is None
+    distil = DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32)
+    assert score_position_rows(DistilBertForSequenceClassification(distil)) is None
+    causal = RewardModel.load(causal_rm_dir, explain_dtype="float32")
+    assert not causal.score_position_rows  # causal RMs read the last position through their own KV-cache path
+
+
+def test_pruned_rows_through_the_evaluator_match_full_rows(encoder_rm_dir):
+    pruned = RewardModel.load(encoder_rm_dir, explain_dtype="float32")
+    full = RewardModel.load(encoder_rm_dir, explain_dtype="float32", prune_last_layer=False)
+    assert pruned.score_position_rows and not full.score_position_rows
+    inp = pruned.encode(PROMPT, RESPONSE)
+    masks = _masks(inp.n_tokens, rows=40)
+    a = CoalitionEvaluator(pruned, chunk_size=16)(inp, masks)
+    b = CoalitionEvaluator(full, chunk_size=16)(inp, masks)
+    assert b.max() - b.min() > 0.05
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    # The sequence score R runs on the full model, whatever the rows do.
+    assert CoalitionEvaluator(pruned).score(inp) == CoalitionEvaluator(full).score(inp)
