@@ -169,8 +169,6 @@ class RewardModel:
     kv_reuse: bool = True
     # torch.compile'd row model (dynamic shapes, frozen weights); None = eager rows. See `compile_rows`.
     compiled_rows: object = None
-    # Rows compute the last layer at the scoring position only (supported encoder RMs; see score_position_rows).
-    score_position_rows: bool = False
 
     @classmethod
     def load(
@@ -293,8 +291,13 @@ class RewardModel:
             row_model=row_model,
             kv_reuse=kv_reuse,
             compiled_rows=compiled_row_model(row_model) if load_weights and compile_wanted else None,
-            score_position_rows=pruned is not None,
         )
+
+    @property
+    def score_position_rows(self) -> bool:
+        """Rows compute the last layer at the scoring position only (supported encoder RMs; see
+        workers/score_position_rows.py). Read off the row network, so it cannot disagree with what runs."""
+        return type(self.row_model).__name__ == "ScorePositionRows"
 
     # ----------------------------------------------------------------------------------------------------------
     # Layout
