@@ -25,13 +25,18 @@ def request_shared_part(
     """The part of the key shared by all items of a request. `numerics` names how rows are computed (row dtype,
     compiled or not): those change answers in the last digits, so a switch must not serve old cached answers."""
     methods = request.methods.model_dump(mode="json") if request.methods is not None else None
+    # Every other request-level option (normalization, residual placement, what to return) changes the answer:
+    # taken whole, so a field added later cannot be forgotten here.
+    options = request.model_dump(
+        mode="json", exclude={"items", "weights", "shaping_version", "deadline_ms", "policy_tokenizer", "methods"}
+    )
     return {
         "revision": revision,
         "numerics": numerics,
         "components": components,
         "methods": methods,
         "weights": weights.as_dict(),
-        "return_components": request.return_components,
+        "options": options,
         "policy_tokenizer": os.path.realpath(request.policy_tokenizer) if request.policy_tokenizer else None,
     }
 

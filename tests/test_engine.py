@@ -156,3 +156,103 @@ def test_limits_and_bad_ids_are_refused_before_any_rm_row(engine, bpe_policy_tok
 
 def test_warmup_runs_every_explainer(engine):
     assert engine.warmup() > 0
+
+
+# ---------------------------------------------------------------------------------------------- attributions
+SHORT = "What a great time!"  # 5 (encoder) and 10 (causal) RM tokens: 1024 rows enumerate every coalition
+
+
+def _exact_shapley_by_formula(evaluator, inp):
+    """Reference Shapley values, written independently of the service: the subset formula over itertools
+    combinations, with every coalition scored in fp32 by one evaluator call (rows at the evaluator's precision)."""
+    import itertools
+    from math import factorial
+
+    T = inp.n_tokens
+    subsets = [frozenset(c) for k in range(T + 1) for c in itertools.combinations(range(T), k)]
+    masks = np.array([[t in s for t in range(T)] for s in subsets], dtype=bool)
+    value = dict(zip(subsets, evaluator(inp, masks)))
+    return np.array([
+        sum(factorial(len(s)) * factorial(T - len(s) - 1) / factorial(T) * (value[s | {i}] - value[s])
+            for s in subsets if i not in s)
+        for i in range(T)
+    ])
+
+
+@pytest.mark.parametrize("placement", ["last", "uniform"])
+def test_additive_shap_rewards_are_the_attributions_plus_the_base_on_the_placement(engine, placement):
+    request = _request(weights=ShapingWeights(shap=1.0), return_attributions=True, residual_placement=placement)
+    for result in engine.run(request, request.weights).results:
+        att = result.attributions["shap"]
+        assert set(result.attributions) == {"shap"} and len(att.values) == len(result.token_rewards)
+        assert abs(sum(att.values) + att.base - result.score) <= 1e-9 * max(1.0, abs(result.score))
+        if placement == "last":
+            assert result.token_rewards[:-1] == att.values[:-1]
+            assert result.token_rewards[-1] == pytest.approx(att.values[-1] + att.base, abs=1e-9)
+        else:
+            expected = np.array(att.values) + att.base / len(att.values)
+            assert np.allclose(result.token_rewards, expected, atol=1e-9)
+
+
+def test_shap_base_is_the_empty_coalition_score(engine):
+    request = _request(weights=ShapingWeights(shap=1.0), return_attributions=True)
+    result = engine.run(request, request.weights).results[0]
+    inp = engine.model.encode(PROMPT, TEXTS[0])
+    empty = engine.evaluator(inp, np.zeros((1, inp.n_tokens), dtype=bool))[0]
+    full_rows = engine.evaluator(inp, np.ones((1, inp.n_tokens), dtype=bool))[0]
+    # b = R − Σφ = f(∅) + (R − f_rows(x)): equal to f(∅) when rows run at the score's precision (fp32 here).
+    assert result.attributions["shap"].base == pytest.approx(empty + result.score - full_rows, abs=1e-6)
+
+
+def test_every_explained_component_reports_attributions_that_add_up(engine, bpe_policy_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bpe_policy_tokenizer_dir)
+    ids = tok(TEXTS[1], add_special_tokens=False)["input_ids"]
+    weights = ALL if engine.model.kind == "encoder" else ShapingWeights(sparse=0.1, attention=0.2, shap=0.3, lime=0.1, loo=0.1, prefix=0.2)
+    request = _request(items=[DenseRewardItem(prompt=PROMPT, response=TEXTS[1], response_token_ids=ids)],
+                       policy_tokenizer=str(bpe_policy_tokenizer_dir), weights=weights, return_attributions=True,
+                       return_components=True)
+    result = engine.run(request, weights).results[0]
+    assert set(result.attributions) == set(weights.as_dict()) - {"sparse"} - {k for k, v in weights.as_dict().items() if v == 0}
+    for name, att in result.attributions.items():
+        # On the policy's tokens, like token_rewards; each component's rewards are its values plus its base on
+        # the last policy token.
+        assert len(att.values) == len(ids) == len(result.token_rewards), name
+        assert abs(sum(att.values) + att.base - result.score) <= 1e-9 * max(1.0, abs(result.score)), name
+        assert np.allclose(result.components[name][:-1], att.values[:-1], atol=1e-12), name
+    mixed = sum(weights.as_dict()[k] * np.array(v) for k, v in result.components.items())
+    assert np.allclose(mixed, result.token_rewards, atol=1e-9)
+
+
+def test_budget_covering_every_coalition_gives_exact_shapley_values(engine):
+    inp = engine.model.encode(PROMPT, SHORT)
+    assert 2 <= inp.n_tokens <= 10
+    request = _request(items=[DenseRewardItem(prompt=PROMPT, response=SHORT)], weights=ShapingWeights(shap=1.0),
+                       methods=MethodsConfig(shap=ShapConfig(max_rows=1024)), return_attributions=True)
+    result = engine.run(request, request.weights).results[0]
+    assert result.shap_estimator == "exact" and result.attributions["shap"].exact is True
+    reference = _exact_shapley_by_formula(engine.evaluator, inp)
+    assert np.allclose(result.attributions["shap"].values, reference, rtol=0, atol=1e-9 * max(1.0, np.abs(reference).max()))
+    # Efficiency to 1e-6 relative: Σφ = f(x) − f(∅) on the rows' own values.
+    full, empty = engine.evaluator(inp, np.array([[True] * inp.n_tokens, [False] * inp.n_tokens]))
+    assert abs(sum(result.attributions["shap"].values) - (full - empty)) <= 1e-6 * max(abs(full - empty), abs(full), 1e-9)
+
+
+def test_small_budget_samples_and_says_so(engine):
+    request = _request(items=[DenseRewardItem(prompt=PROMPT, response=TEXTS[0])], weights=ShapingWeights(shap=1.0),
+                       return_attributions=True)
+    result = engine.run(request, request.weights).results[0]
+    assert result.rm_tokens > 6  # 2^T > 8T: the default budget cannot enumerate
+    assert result.shap_estimator == "stratified" and result.attributions["shap"].exact is False
+
+
+def test_sign_aware_l1_stays_available_and_conserves(engine):
+    request = _request(weights=ShapingWeights(sparse=0.5, shap=0.5), normalization="sign-aware-l1", return_attributions=True)
+    for result in engine.run(request, request.weights).results:
+        _conserved(result)
+        att = result.attributions["shap"]
+        e = np.array(result.token_rewards) - 0.5 * result.score * np.eye(len(att.values))[-1]
+        # Tokens other than the last carry 0.5·|R|·φ/Σ|φ|: rescaled, not the values themselves.
+        scale = abs(result.score) / np.abs(att.values).sum()
+        assert np.allclose(e[:-1], 0.5 * scale * np.array(att.values[:-1]), atol=1e-9)

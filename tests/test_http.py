@@ -53,7 +53,9 @@ def servers(encoder_rm_dir, causal_rm_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("srv")
     spawned = {
         # Own shaping-version stores (not ~/.cache/tokencredit/shaping.sqlite3): these tests expect version 1.
-        "encoder": _spawn(encoder_rm_dir, logs / "encoder.log", state_db=logs / "encoder.sqlite3"),
+        # fp32 rows: the exact-Shapley test compares the service's values with an enumeration done here; bf16 rows
+        # round differently with the batch layout (1.3 % of the largest value measured), fp32 rows to ~1e-7.
+        "encoder": _spawn(encoder_rm_dir, logs / "encoder.log", state_db=logs / "encoder.sqlite3", explain_dtype="float32"),
         "causal": _spawn(causal_rm_dir, logs / "causal.log", host=None, warmup="false", state_db=logs / "causal.sqlite3"),
     }
     try:
@@ -168,6 +170,50 @@ def test_components_and_determinism(client):
     assert second["token_rewards"] == r["token_rewards"] and second["components"] == r["components"]
 
 
+def test_shap_rewards_are_the_attributions_with_the_base_on_the_last_token(client):
+    r = _post(client, {"items": [ITEM], "weights": {"shap": 1}, "return_attributions": True})["results"][0]
+    shap = r["attributions"]["shap"]
+    values, base = shap["values"], shap["base"]
+    assert list(r["attributions"]) == ["shap"] and len(values) == len(r["token_rewards"]) == r["rm_tokens"]
+    assert r["token_rewards"][:-1] == values[:-1]
+    assert math.isclose(r["token_rewards"][-1], values[-1] + base, rel_tol=0, abs_tol=1e-9 * max(1.0, abs(base)))
+    assert math.isclose(math.fsum(values) + base, r["score"], rel_tol=1e-4, abs_tol=1e-9)
+
+
+TEN_TOKENS = "The movie was wonderful and the plot was bad!"
+
+
+def test_a_budget_of_every_coalition_returns_exact_shapley_values(client, encoder_rm_dir):
+    """`max_rows` 1024 on a 10-token response: the service's values equal Shapley values by enumeration, computed
+    here independently (subset formula) on the same RM, rows at the server's precision."""
+    import itertools
+    from math import factorial
+
+    import numpy as np
+
+    from workers.evaluator import CoalitionEvaluator
+    from workers.model import RewardModel
+
+    assert _n_rm_tokens(encoder_rm_dir, TEN_TOKENS) == 10
+    body = {"items": [dict(ITEM, response=TEN_TOKENS)], "weights": {"shap": 1}, "return_attributions": True,
+            "methods": {"shap": {"max_rows": 1024}}}
+    out = _post(client, body)
+    r = out["results"][0]
+    assert r["shap_estimator"] == "exact" and r["attributions"]["shap"]["exact"] is True
+    assert out["usage"]["shap_exact_items"] == 1 and out["usage"]["rm_rows"] <= 1024 + 1
+    rm = RewardModel.load(encoder_rm_dir, compile_rows="off", explain_dtype="float32")  # the server's settings
+    inp = rm.encode(ITEM["prompt"], TEN_TOKENS)
+    T = inp.n_tokens
+    subsets = [frozenset(c) for k in range(T + 1) for c in itertools.combinations(range(T), k)]
+    value = dict(zip(subsets, CoalitionEvaluator(rm)(inp, np.array([[t in s for t in range(T)] for s in subsets]))))
+    exact = [sum(factorial(len(s)) * factorial(T - len(s) - 1) / factorial(T) * (value[s | {i}] - value[s])
+                 for s in subsets if i not in s) for i in range(T)]
+    scale = max(abs(v) for v in exact)
+    assert max(abs(a - b) for a, b in zip(r["attributions"]["shap"]["values"], exact)) <= 1e-5 * scale
+    spread = value[frozenset(range(T))] - value[frozenset()]
+    assert math.isclose(math.fsum(r["attributions"]["shap"]["values"]), spread, rel_tol=1e-6, abs_tol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 def _item(**kw):
     return dict(ITEM, **kw)
@@ -188,6 +234,11 @@ BAD = [
     ({"items": []}, 422, "items"),
     ({"items": [ITEM] * 5}, 413, "items"),
     ({"items": [_item(response_token_offsets=[[0, 3]], response_token_ids=[1])]}, 422, None),
+    ({"items": [ITEM], "normalization": "l2"}, 422, "normalization"),
+    ({"items": [ITEM], "normalization": None}, 422, "normalization"),
+    ({"items": [ITEM], "return_attributions": "yes"}, 422, "return_attributions"),
+    ({"items": [ITEM], "return_attributions": 1}, 422, "return_attributions"),
+    ({"items": [ITEM], "residual_placement": "first"}, 422, "residual_placement"),
 ]
 
 

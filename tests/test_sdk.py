@@ -154,6 +154,24 @@ def test_fallback_gives_scalar_on_last_token(proxy):
     assert r.degraded and r.id == "a" and r.token_rewards[-1] == r.score and not any(r.token_rewards[:-1])
 
 
+def test_attributions_come_back_on_the_same_tokens_as_the_rewards(url):
+    offsets = [[0, 3], [4, 9], [10, 13], [14, 24], [25, 50]]
+    with _client(url) as tc:
+        [r] = tc.dense_rewards([dict(ITEM, response_token_offsets=offsets)], weights={"shap": 0.5, "loo": 0.5},
+                               methods={"shap": {"max_rows": 64}}, return_attributions=True, residual_placement="uniform")
+        [plain] = tc.dense_rewards([ITEM], weights={"shap": 1.0})
+        with pytest.raises(ValueError, match="normalization"):
+            tc.dense_rewards([ITEM], normalization="l2")
+    assert plain.attributions is None
+    assert set(r.attributions) == {"shap", "loo"} and r.attributions["shap"].exact is False
+    for a in r.attributions.values():
+        assert len(a.values) == 5 and math.isclose(math.fsum(a.values) + a.base, r.score, abs_tol=1e-6)
+    # uniform placement: each token gets its mixed values plus the mixed base / 5.
+    base = 0.5 * (r.attributions["shap"].base + r.attributions["loo"].base)
+    expected = [0.5 * (s + l) + base / 5 for s, l in zip(r.attributions["shap"].values, r.attributions["loo"].values)]
+    assert all(math.isclose(x, y, abs_tol=1e-9) for x, y in zip(r.token_rewards, expected))
+
+
 # ---------------------------------------------------------------------------------------------------- checks
 def _prep(n):
     return _Prepared(0, DenseRewardItem(id="0", prompt="p", response="abc"), n, n)
@@ -165,6 +183,8 @@ def _prep(n):
     ({"id": "0", "score": 1.0, "token_rewards": [float("nan"), 1.0]}, "NaN"),
     ({"id": "9", "score": 1.0, "token_rewards": [0.5, 0.5]}, "out of order"),
     ({"id": "0", "score": None, "token_rewards": [0.5, 0.5]}, "no finite score"),
+    ({"id": "0", "score": 1.0, "token_rewards": [0.5, 0.5], "attributions": {"shap": {"values": [0.5], "base": 0.5}}}, "needs 2"),
+    ({"id": "0", "score": 1.0, "token_rewards": [0.5, 0.5], "attributions": {"shap": {"values": [0.5, 0.5], "base": 0.5}}}, "Σ values + base"),
 ])
 def test_invariants(raw, message):
     out = BaseClient()._check(_prep(2), raw)

@@ -36,6 +36,7 @@ from tokencredit.types import (
     ModelInfo,
     ShapConfig,
     ShapingWeights,
+    TokenAttributions,
 )
 from workers import shaping
 from workers.evaluator import CoalitionEvaluator, RowCounter
@@ -226,49 +227,36 @@ class Engine:
     def _explain_item(self, p: PreparedItem, request, weights: ShapingWeights, components, counter: RowCounter) -> ItemResult:
         inp = p.rm_input
         score = self.evaluator.score(inp, counter)
-        methods = request.methods
-        value_fn = functools.partial(self.evaluator, inp, counter=counter)
-        rm_dists: Dict[str, np.ndarray] = {}
-        for comp in components:
-            if comp is Component.sparse:
-                continue
-            if comp is Component.attention:
-                rm_dists[comp.value] = shaping.normalize_nonnegative(self.evaluator.attention(inp, counter))
-                continue
-            if comp is Component.shap:
-                cfg = (methods.shap if methods else None) or ShapConfig()
-                att = explain_shap(value_fn, inp.n_tokens, estimator=cfg.estimator, max_rows=cfg.max_rows, seed=cfg.seed)
-            elif comp is Component.lime:
-                cfg = (methods.lime if methods else None) or LimeConfig()
-                att = explain_lime(value_fn, inp.n_tokens, num_samples=cfg.num_samples, seed=cfg.seed, kernel_width=cfg.kernel_width)
-            elif comp is Component.prefix:
-                # Telescoping: Σ_t (s_t − s_{t−1}) = R − s_0; the normalization puts the prompt's share s_0 with
-                # the residual.
-                prefix_scores = self.model.prefix_scores(inp)
-                counter.rows += 1
-                rm_dists[comp.value] = shaping.normalize_signed(np.diff(prefix_scores), score)
-                continue
+        explained, shap_estimator = self._attributions(inp, request, components, score, counter)
+        placement = request.residual_placement
+        # On the policy's tokens when given: values move by byte mass (Σ preserved, unmapped mass to the last
+        # token), then the base lands on the placement token of the policy tokens.
+        attributions: Dict[str, shaping.TokenAttribution] = {}
+        coverages: Dict[str, float] = {}
+        for name, att in explained.items():
+            if p.policy_byte_spans is None:
+                attributions[name], coverages[name] = att, 1.0
             else:
-                att = explain_loo(value_fn, inp.n_tokens)
-            rm_dists[comp.value] = shaping.normalize_signed(att.values, score)
-
-        # Move each component's distribution to the policy's tokens; the sparse one-hot is placed there directly
-        # so that w = (sparse=1) is exactly ordinary RLHF whatever the tokenizers.
-        if p.policy_byte_spans is None:
-            dists, coverages = rm_dists, {k: 1.0 for k in rm_dists}
-            n_out = inp.n_tokens
-        else:
-            dists, coverages = {}, {}
-            for name, e in rm_dists.items():
-                dists[name], coverages[name] = align_to_policy(
-                    e, inp.response_spans, p.item.response, target_byte_spans=p.policy_byte_spans
+                values, coverages[name] = align_to_policy(
+                    att.values, inp.response_spans, p.item.response, target_byte_spans=p.policy_byte_spans
                 )
-            n_out = len(p.policy_byte_spans)
-        dists[Component.sparse.value] = shaping.sparse_distribution(n_out)
+                attributions[name] = shaping.TokenAttribution.of(values, score)
+        n_out = inp.n_tokens if p.policy_byte_spans is None else len(p.policy_byte_spans)
+
+        rewards_by_component: Dict[str, np.ndarray] = {}
+        for name, att in attributions.items():
+            if request.normalization == "sign-aware-l1" and name != Component.attention.value:
+                e = shaping.normalize_signed(att.values, score, placement)
+                rewards_by_component[name] = shaping.conserve(score * e, score)
+            else:
+                rewards_by_component[name] = shaping.conserve(shaping.additive_rewards(att, placement), score)
+        # sparse is placed on the last policy token directly, so w = (sparse=1) is exactly ordinary RLHF whatever
+        # the tokenizers and the placement.
+        rewards_by_component[Component.sparse.value] = score * shaping.sparse_distribution(n_out)
         coverages[Component.sparse.value] = 1.0
 
         w = weights.as_dict()
-        rewards = shaping.mix(score, dists, w)
+        rewards = shaping.mix_rewards(score, rewards_by_component, w)
         active = {k: v for k, v in w.items() if v > 0}
         coverage = sum(v * coverages[k] for k, v in active.items()) / sum(active.values())
         result = ItemResult(
@@ -279,12 +267,51 @@ class Engine:
             coverage=float(coverage),
             rm_tokens=inp.n_tokens,
             prompt_truncated=inp.prompt_truncated,
+            shap_estimator=shap_estimator,
         )
         if request.return_components:
-            result.components = {
-                c.value: shaping.conserve(score * dists[c.value], score).tolist() for c in Component if c.value in dists
+            result.components = {c.value: rewards_by_component[c.value].tolist() for c in Component if c.value in rewards_by_component}
+        if request.return_attributions:
+            result.attributions = {
+                c.value: TokenAttributions(
+                    values=attributions[c.value].values.tolist(),
+                    base=attributions[c.value].base,
+                    exact=(shap_estimator == "exact") if c is Component.shap else None,
+                )
+                for c in Component
+                if c.value in attributions
             }
         return result
+
+    def _attributions(self, inp: RMInput, request, components, score: float, counter: RowCounter):
+        """Each explained component's values on the RM's response tokens, with base = R − Σ values."""
+        methods = request.methods
+        value_fn = functools.partial(self.evaluator, inp, counter=counter)
+        explained: Dict[str, shaping.TokenAttribution] = {}
+        shap_estimator = None
+        for comp in components:
+            if comp is Component.sparse:
+                continue
+            if comp is Component.attention:
+                # ABC: R · a_t with Σ a = 1 (all on the placement token when the attention row is all zero).
+                share = shaping.normalize_nonnegative(self.evaluator.attention(inp, counter), request.residual_placement)
+                values = score * share
+            elif comp is Component.shap:
+                cfg = (methods.shap if methods else None) or ShapConfig()
+                att = explain_shap(value_fn, inp.n_tokens, estimator=cfg.estimator, max_rows=cfg.max_rows, seed=cfg.seed)
+                values, shap_estimator = att.values, ("exact" if att.exact else cfg.estimator)
+            elif comp is Component.lime:
+                cfg = (methods.lime if methods else None) or LimeConfig()
+                values = explain_lime(value_fn, inp.n_tokens, num_samples=cfg.num_samples, seed=cfg.seed, kernel_width=cfg.kernel_width).values
+            elif comp is Component.prefix:
+                # v_t = s_t − s_{t−1}; they telescope to s_T − s_0, so the base R − Σv is the prompt's own score s_0
+                # (plus R − s_T where the score is read after text that follows the response, e.g. a template).
+                values = np.diff(self.model.prefix_scores(inp))
+                counter.rows += 1
+            else:
+                values = explain_loo(value_fn, inp.n_tokens).values
+            explained[comp.value] = shaping.TokenAttribution.of(values, score)
+        return explained, shap_estimator
 
     def warmup(self) -> float:
         """One small explanation of every kind so the first request pays no lazy import, JIT or allocation cost."""

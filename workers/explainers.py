@@ -7,6 +7,7 @@ lime libraries are driven on token-position masks, so every row is an id-replace
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,6 +24,8 @@ __all__ = [
     "explain_shap",
     "explain_lime",
     "explain_loo",
+    "exact_shapley",
+    "enumeration_rows",
     "permutation_shapley",
     "stratified_passes",
     "stratified_rows",
@@ -50,6 +53,8 @@ class Attribution:
     base_value: float  # f(all response tokens masked), or LIME's intercept
     full_value: float  # f(x)
     rows: int  # rows the estimator asked for (before the evaluator's de-duplication)
+    # True when the values are exact Shapley values (every coalition enumerated), not a sample estimate.
+    exact: bool = False
 
 
 def default_shap_rows(n_tokens: int) -> int:
@@ -58,12 +63,22 @@ def default_shap_rows(n_tokens: int) -> int:
     return max(8 * n_tokens, 2 * n_tokens + 1)
 
 
-def min_shap_rows(n_tokens: int, estimator: str) -> int:
+def enumeration_rows(n_tokens: int) -> int:
+    """Rows of exact Shapley values by enumeration: every one of the 2^T coalitions once."""
+    return 1 << n_tokens
+
+
+def min_shap_rows(n_tokens: int, estimator: str, exact_when_affordable: bool = True) -> int:
     # Kernel needs more coalitions than players; one antithetic pass is 2T + 1 rows in shap's Permutation and
-    # 2T in ours (the full coalition is not evaluated twice).
+    # 2T in ours (the full coalition is not evaluated twice). A budget that covers every coalition always works:
+    # it enumerates them instead (exact).
     if estimator == "kernel":
-        return n_tokens + 2
-    return 2 * n_tokens if estimator == "stratified" else 2 * n_tokens + 1
+        sampled = n_tokens + 2
+    else:
+        sampled = 2 * n_tokens if estimator == "stratified" else 2 * n_tokens + 1
+    if not exact_when_affordable or n_tokens >= 62:
+        return sampled
+    return min(sampled, enumeration_rows(n_tokens))
 
 
 def default_lime_samples(n_tokens: int) -> int:
@@ -88,24 +103,31 @@ def explain_shap(
     estimator: str = "stratified",
     max_rows: Optional[int] = None,
     seed: int = 0,
+    exact_when_affordable: bool = True,
 ) -> Attribution:
     """Shapley values, with "token absent" = replaced by the mask id.
 
     Stratified (default): `permutation_shapley`, our antithetic passes with stratified positions.
     Permutation (shap library): antithetic permutations (forward then reverse), 2T+1 rows each, exact efficiency
     by telescoping.
-    Kernel: weighted least squares with the efficiency constraint, `l1_reg=False` (no feature selection); it
-    enumerates every coalition when the budget allows, which makes it exact for small T.
+    Kernel: weighted least squares with the efficiency constraint, `l1_reg=False` (no feature selection).
+    Whatever the estimator, a budget of at least 2^T rows enumerates every coalition instead (`exact_shapley`):
+    exact values for no more rows than the budget (`exact_when_affordable=False` runs the sampler anyway, to
+    measure it).
 
     Raises:
         BudgetError: max_rows below the estimator's minimum for n_tokens.
     """
+    if estimator not in ("stratified", "permutation", "kernel"):
+        raise ValueError(f"unknown shap estimator {estimator!r}; use 'permutation', 'kernel' or 'stratified'")
+    budget = default_shap_rows(n_tokens) if max_rows is None else int(max_rows)
+    if exact_when_affordable and n_tokens < 62 and enumeration_rows(n_tokens) <= budget:
+        return exact_shapley(value_fn, n_tokens)
     if estimator == "stratified":
         return permutation_shapley(value_fn, n_tokens, max_rows=max_rows, seed=seed)
     import shap
 
-    budget = default_shap_rows(n_tokens) if max_rows is None else int(max_rows)
-    minimum = min_shap_rows(n_tokens, estimator)
+    minimum = min_shap_rows(n_tokens, estimator, exact_when_affordable=False)
     if budget < minimum:
         raise BudgetError(f"{estimator} SHAP on {n_tokens} tokens needs max_rows >= {minimum}, got {budget}", minimum)
     f, rows = _counting(value_fn)
@@ -128,9 +150,31 @@ def explain_shap(
         values = values.reshape(-1)[:n_tokens]
         base = float(np.asarray(explainer.expected_value).reshape(-1)[0])
         full = float(f(x)[0])
-    else:
-        raise ValueError(f"unknown shap estimator {estimator!r}; use 'permutation', 'kernel' or 'stratified'")
     return Attribution(values=values, base_value=base, full_value=full, rows=rows[0])
+
+
+def exact_shapley(value_fn: ValueFn, n_tokens: int) -> Attribution:
+    """Shapley values by enumerating all 2^T coalitions in one evaluator call:
+
+        φ_i = Σ_{S ∌ i} |S|! (T − |S| − 1)! / T! · (f(S ∪ {i}) − f(S))
+
+    Coalition S is row `code` with bit t set when token t is kept, so S ∪ {i} is row `code | 1 << i`.
+    Efficiency Σφ = f(x) − f(∅) holds to float64 rounding.
+    """
+    T = n_tokens
+    if T < 1 or T >= 62:
+        raise ValueError(f"exact Shapley values need 1 <= T < 62 tokens, got {T}")
+    codes = np.arange(enumeration_rows(T), dtype=np.int64)
+    masks = ((codes[:, None] >> np.arange(T)) & 1).astype(bool)
+    values = np.asarray(value_fn(masks), dtype=np.float64)
+    sizes = masks.sum(axis=1)
+    # Weight of a coalition of size s not containing i: s!(T−s−1)!/T! = 1 / (T · C(T−1, s)).
+    weight = np.array([1.0 / (T * math.comb(T - 1, s)) for s in range(T)])
+    phi = np.empty(T, dtype=np.float64)
+    for i in range(T):
+        without = codes[((codes >> i) & 1) == 0]
+        phi[i] = float(np.dot(weight[sizes[without]], values[without | (1 << i)] - values[without]))
+    return Attribution(values=phi, base_value=float(values[0]), full_value=float(values[-1]), rows=len(codes), exact=True)
 
 
 def stratified_rows(n_tokens: int, passes: int) -> int:
@@ -163,7 +207,7 @@ def permutation_shapley(
     """
     T = n_tokens
     budget = default_shap_rows(T) if max_rows is None else int(max_rows)
-    minimum = min_shap_rows(T, "stratified")
+    minimum = 2 * T  # one forward-and-back pass (called directly, without the enumeration shortcut)
     if budget < minimum:
         raise BudgetError(f"permutation SHAP on {T} tokens needs max_rows >= {minimum}, got {budget}", minimum)
     passes = stratified_passes(T, budget)
@@ -238,10 +282,11 @@ def explain_lime(
 
 
 def explain_loo(value_fn: ValueFn, n_tokens: int) -> Attribution:
-    """Leave-one-out: φ_t = f(x) − f(x without t), T + 1 rows in one batch. Not efficient under interactions."""
-    masks = np.ones((n_tokens + 1, n_tokens), dtype=bool)
+    """Leave-one-out: φ_t = f(x) − f(x without t), T + 1 rows in one batch (the empty coalition too, for the
+    base value, when T > 1; it is the same row as "x without t" when T = 1). Not efficient under interactions."""
+    masks = np.ones((n_tokens + 2, n_tokens), dtype=bool)
     masks[np.arange(1, n_tokens + 1), np.arange(n_tokens)] = False
+    masks[-1] = False
     scores = value_fn(masks)
     full = float(scores[0])
-    base = float(value_fn(np.zeros((1, n_tokens), dtype=bool))[0])
-    return Attribution(values=full - scores[1:], base_value=base, full_value=full, rows=n_tokens + 2)
+    return Attribution(values=full - scores[1:-1], base_value=float(scores[-1]), full_value=full, rows=n_tokens + 2)

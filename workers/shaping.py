@@ -1,42 +1,74 @@
-"""Shaping math (pure): attributions → distributions e_k → per-token rewards r_t = R · Σ_k w_k e_k[t].
+"""Shaping math (pure): attributions → per-token rewards that sum to the RM score R.
 
-Every e_k sums to 1 over the response tokens and w lies on the simplex, so Σ_t r_t = R exactly: the shaped
-return equals the RM score and the optimal policy is unchanged (Koo et al. 2025, r' = Wᵀ𝓔·r).
+Additive shaping (the default). Every explained component k gives per-token values v_k[t] and a base b_k with
 
-Normalization of signed attributions ("sign-aware L1", the documented default):
+    Σ_t v_k[t] + b_k = R
 
-    S   = Σ_t |φ_t|
-    e_t = s·φ_t / S + (1 − s·Σ_t φ_t / S) · u_t,      s = sign(R) (s = 1 when R = 0)
+(shap: the Shapley values of the masked game and b = f(∅); lime: its coefficients; loo: f(x) − f(x without t);
+prefix: s_t − s_{t−1}; attention: R·a_t with Σa = 1, so b = 0; in every case b is computed as R − Σv, so the
+estimator's floating-point residual and any precision difference between coalition rows and R land in b). The
+component's rewards are
 
-where u is the residual placement (one-hot on the last token, the ABC convention; or uniform). Properties:
-  * Σ_t e_t = 1 for any φ (the residual term absorbs what the attributions do not explain).
-  * Stable when Σφ ≈ 0: it divides by Σ|φ|, which vanishes only when every φ_t does (then e = u).
-  * Sign-correct: R·e_t = |R|·φ_t/S + residual, so a token that pushed the score up always gets more reward
-    than one that pushed it down, whatever the sign of R (plain φ/Σφ flips signs when Σφ < 0, and |φ|/Σ|φ|
-    rewards harmful tokens).
-  * When φ are same-signed Shapley values with Σφ = R (base value 0), r_t = φ_t exactly.
+    r_k[t] = v_k[t] + b_k·u[t]
+
+with u the residual placement (one-hot on the last token by default, or uniform), and the mix is r = Σ_k w_k r_k
+(w on the simplex), so Σ_t r_t = R exactly. Every token other than the placement token receives Σ_k w_k v_k[t]:
+its own attribution, in score units, with its own sign, whatever R and the other tokens' attributions are.
+`sparse` is r = R on the last token (ordinary RLHF) and `attention` is ABC's R·a_t.
+
+Why additive: the values are marginal contributions to the score, comparable across responses, and a token that
+lowered the score is never rewarded for it. The previous scheme ("sign-aware-l1", e = sign(R)·φ/Σ|φ| + a residual
+on the last token) rescales every φ by |R|/Σ|φ| and puts R·(1 − sign(R)Σφ/Σ|φ|) ∈ R·[0, 2] on the last token, which
+gives a harmful last token the largest reward in about half of random cases and inflates noise-level attributions
+to full scale (../shared/notes/reviews/fidelity.md §1). It is kept, by name, only for comparison.
+
+The shaped return equals R for every response, so the expected-return objective (and its optimum) is unchanged.
+The per-token rewards depend on tokens after t (the explanation sees the finished response), so this does not
+make PPO's reward-to-go an unbiased gradient estimate: learning dynamics can change, as with ABC.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Dict, Mapping
 
 import numpy as np
 
 __all__ = [
-    "NORMALIZATION",
+    "NORMALIZATIONS",
+    "RESIDUAL_PLACEMENTS",
+    "TokenAttribution",
+    "additive_rewards",
     "normalize_signed",
     "normalize_nonnegative",
     "sparse_distribution",
     "residual_distribution",
     "mix",
+    "mix_rewards",
     "conserve",
 ]
 
-NORMALIZATION = "sign-aware-l1 (e = sign(R)·φ/Σ|φ| + residual on the last token)"
+# Request field `normalization`: the default first.
+NORMALIZATIONS = ("additive", "sign-aware-l1")
+# Request field `residual_placement`: where a component's base b_k (and sparse's R) goes.
+RESIDUAL_PLACEMENTS = ("last", "uniform")
 
-# Below this share of the largest attribution scale, Σ|φ| is treated as zero (all-zero attributions).
-_ZERO = 1e-300
+
+@dataclass(frozen=True)
+class TokenAttribution:
+    """One component's explanation: a value per token and the base, with Σ values + base = R."""
+
+    values: np.ndarray  # float64 [T]
+    base: float
+
+    @classmethod
+    def of(cls, values, score: float) -> "TokenAttribution":
+        """Values with the base that makes them add up to `score` (b = R − Σv, summed exactly)."""
+        values = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("attributions must be finite")
+        return cls(values=values, base=float(score) - math.fsum(values.tolist()))
 
 
 def residual_distribution(n: int, placement: str = "last") -> np.ndarray:
@@ -56,15 +88,23 @@ def sparse_distribution(n: int) -> np.ndarray:
     return e
 
 
+def additive_rewards(attribution: TokenAttribution, placement: str = "last") -> np.ndarray:
+    """r[t] = v[t] + b·u[t]: each token keeps its own attribution; the base goes to the placement."""
+    u = residual_distribution(len(attribution.values), placement)
+    return attribution.values + attribution.base * u
+
+
 def normalize_signed(phi: np.ndarray, score: float, placement: str = "last") -> np.ndarray:
-    """Sign-aware L1 normalization of signed attributions (see the module docstring). Σ result = 1."""
+    """The "sign-aware-l1" comparison scheme: e = sign(R)·φ/Σ|φ| + (1 − sign(R)·Σφ/Σ|φ|)·u, Σ e = 1.
+
+    Rewards are R·e. Kept only to compare against additive shaping (see the module docstring for its defects).
+    """
     phi = np.asarray(phi, dtype=np.float64)
-    n = len(phi)
-    u = residual_distribution(n, placement)
+    u = residual_distribution(len(phi), placement)
     if not np.all(np.isfinite(phi)):
         raise ValueError("attributions must be finite")
     total_abs = float(np.abs(phi).sum())
-    if total_abs <= _ZERO:
+    if total_abs == 0.0:
         return u
     s = -1.0 if score < 0 else 1.0
     e = s * phi / total_abs
@@ -75,7 +115,7 @@ def normalize_nonnegative(weights: np.ndarray, placement: str = "last") -> np.nd
     """For attention-like credits (≥ 0): w / Σw, or the residual placement when Σw = 0."""
     w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
     total = float(w.sum())
-    if total <= _ZERO or not np.isfinite(total):
+    if total == 0.0 or not np.isfinite(total):
         return residual_distribution(len(w), placement)
     return w / total
 
@@ -83,32 +123,39 @@ def normalize_nonnegative(weights: np.ndarray, placement: str = "last") -> np.nd
 def conserve(rewards: np.ndarray, score: float) -> np.ndarray:
     """Put the floating-point residual of Σ rewards − score on the last token, so the sum is exact to rounding."""
     rewards = np.array(rewards, dtype=np.float64)
-    rewards[-1] += score - float(rewards.sum())
+    rewards[-1] += score - math.fsum(rewards.tolist())
     return rewards
 
 
-def mix(score: float, distributions: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """r = R · Σ_k w_k e_k over the components with w_k > 0.
+def mix_rewards(score: float, rewards: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """r = Σ_k w_k r_k over the components with w_k > 0, where each r_k sums to `score`.
 
     Args:
         score: the RM score R.
-        distributions: component name → distribution over the same tokens (each sums to 1).
-        weights: component name → simplex weight.
+        rewards: component name → per-token rewards over the same tokens (each sums to R).
+        weights: component name → simplex weight (renormalised over the positive ones).
 
     Raises:
-        KeyError: a weighted component has no distribution.
+        KeyError: a weighted component has no rewards.
+        ValueError: no positive weight, or components of different lengths.
     """
     active: Dict[str, float] = {k: float(v) for k, v in weights.items() if v > 0}
     if not active:
         raise ValueError("at least one weight must be positive")
-    n = len(next(iter(distributions[k] for k in active)))
+    n = len(next(iter(rewards[k] for k in active)))
     mixed = np.zeros(n, dtype=np.float64)
     # Renormalise: weights accepted within the simplex tolerance must not leak mass.
     total_weight = sum(active.values())
     for name, w in active.items():
-        w = w / total_weight
-        e = np.asarray(distributions[name], dtype=np.float64)
-        if len(e) != n:
-            raise ValueError(f"component {name} has {len(e)} tokens, expected {n}")
-        mixed += w * e
-    return conserve(score * mixed, score)
+        r = np.asarray(rewards[name], dtype=np.float64)
+        if len(r) != n:
+            raise ValueError(f"component {name} has {len(r)} tokens, expected {n}")
+        mixed += (w / total_weight) * r
+    return conserve(mixed, score)
+
+
+def mix(score: float, distributions: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """r = R · Σ_k w_k e_k for components given as distributions (each sums to 1): sparse, attention, and the
+    sign-aware-l1 scheme."""
+    active = [k for k, v in weights.items() if v > 0]
+    return mix_rewards(score, {k: score * np.asarray(distributions[k], dtype=np.float64) for k in active}, weights)

@@ -21,13 +21,13 @@ from tokencredit.errors import (
     TokenCreditError,
     TransportError,
 )
-from tokencredit.results import DenseReward, as_numpy, as_torch
+from tokencredit.results import Attribution, DenseReward, as_numpy, as_torch
 from tokencredit.tokens import PolicyTokens, policy_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "AsyncClient", "DenseReward", "as_numpy", "as_torch", "Retry", "Timeouts",
+    "Client", "AsyncClient", "DenseReward", "Attribution", "as_numpy", "as_torch", "Retry", "Timeouts",
     "PolicyTokens", "policy_tokens", "TokenCreditError", "TransportError", "ConnectError", "RequestTimeout",
     "RewardServiceError", "InvalidRequestError", "PayloadTooLargeError", "RateLimitedError",
     "ServiceUnavailableError", "ServerError", "ItemFailedError", "ResponseInvariantError",

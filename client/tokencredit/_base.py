@@ -24,9 +24,9 @@ from tokencredit.errors import (
     TokenCreditError,
     error_from_response,
 )
-from tokencredit.results import DenseReward
+from tokencredit.results import Attribution, DenseReward
 from tokencredit.tokens import PolicyTokens, policy_tokens
-from tokencredit.types import DenseRewardItem, InfoResponse, Limits, ShapingWeights
+from tokencredit.types import DenseRewardItem, DenseRewardsRequest, InfoResponse, Limits, ShapingWeights
 
 __all__ = ["BaseClient", "Send", "Sleep", "Answer", "ON_ERROR"]
 
@@ -167,18 +167,24 @@ class BaseClient:
         body.update({k: v for k, v in options.items() if v is not None})
         return body
 
-    def _request_options(self, weights, methods, policy_tokenizer, shaping_version=None) -> Dict[str, Any]:
+    def _request_options(self, weights, methods, policy_tokenizer, shaping_version=None, shaping=None) -> Dict[str, Any]:
         if weights is not None and shaping_version is not None:
             raise ValueError("give weights or shaping_version, not both")
         if weights is None and shaping_version is None and self.weights is not None:
             weights = self.weights
         if weights is not None and not isinstance(weights, ShapingWeights):
             weights = ShapingWeights.model_validate(dict(weights))
+        # normalization / residual_placement / return_attributions: sent only when given, so the server's defaults
+        # apply otherwise; checked here against the wire type before any I/O.
+        extra = {k: v for k, v in (shaping or {}).items() if v is not None}
+        if extra:
+            DenseRewardsRequest.model_validate({"items": [{"prompt": "", "response": "x"}], **extra})
         return {
             "weights": None if weights is None else weights.model_dump(),
             "methods": methods,
             "policy_tokenizer": policy_tokenizer,
             "shaping_version": None if shaping_version is None else int(shaping_version),
+            **extra,
         }
 
     # ------------------------------------------------------------------------------------------------ flows
@@ -303,14 +309,38 @@ class BaseClient:
         scale = max(abs(score), max((abs(r) for r in rewards), default=0.0))
         if abs(total - score) > self.atol + self.rtol * scale:
             return ResponseInvariantError(f"{where}: Σ token_rewards = {total!r} but score = {score!r}")
+        attributions = self._check_attributions(where, raw.get("attributions"), score, len(rewards))
+        if isinstance(attributions, ResponseInvariantError):
+            return attributions
         if p.policy is not None:
             rewards = p.policy.expand(rewards)
+            attributions = {k: Attribution(p.policy.expand(a.values), a.base, a.exact) for k, a in attributions.items()}
         spans = [tuple(s) for s in (raw.get("spans") or [])]
         return DenseReward(id=p.item.id, score=float(score), token_rewards=[float(r) for r in rewards], spans=spans,
-                           coverage=float(raw.get("coverage") if raw.get("coverage") is not None else 1.0))
+                           coverage=float(raw.get("coverage") if raw.get("coverage") is not None else 1.0),
+                           attributions=attributions or None)
+
+    def _check_attributions(self, where: str, raw: Any, score: float, n: int):
+        """Attributions, when returned: one finite value per reward and Σ values + base = score."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            return ResponseInvariantError(f"{where}: attributions is not an object")
+        out = {}
+        for name, a in raw.items():
+            values, base = (a.get("values"), a.get("base")) if isinstance(a, dict) else (None, None)
+            if (not isinstance(values, list) or len(values) != n or not isinstance(base, (int, float))
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or not math.isfinite(base)):
+                return ResponseInvariantError(f"{where}: attributions.{name} needs {n} finite values and a finite base")
+            total = math.fsum(values) + base
+            scale = max(abs(score), abs(base), max((abs(v) for v in values), default=0.0))
+            if abs(total - score) > self.atol + self.rtol * scale:
+                return ResponseInvariantError(f"{where}: attributions.{name}: Σ values + base = {total!r} but score = {score!r}")
+            out[name] = Attribution([float(v) for v in values], float(base), a.get("exact"))
+        return out
 
     def _dense_flow(self, items, *, tokenizer=None, policy_tokenizer=None, weights=None, methods=None,
-                    on_error=None, deadline_ms=None, shaping_version=None):
+                    on_error=None, deadline_ms=None, shaping_version=None, shaping=None):
         """Yields `("chunks", [flow, ...])` to run concurrently and gets back their outcomes; returns the results."""
         on_error = on_error or self.on_error
         if on_error not in ON_ERROR:
@@ -326,7 +356,7 @@ class BaseClient:
                     413, "payload_too_large", f"items[{p.index}].response: {len(p.item.response)} characters exceed "
                     f"the server's limit of {limits.max_response_chars} (checked locally)", field=f"items[{p.index}].response")
         sendable = [p for p in prepared if p.index not in outcomes]
-        options = self._request_options(weights, methods, policy_tokenizer, shaping_version)
+        options = self._request_options(weights, methods, policy_tokenizer, shaping_version, shaping)
         flows = [self._chunk_flow(c, options, on_error, deadline_ms, deadline) for c in self._chunks(sendable, limits)]
         for part in (yield ("chunks", flows)):
             outcomes.update(part)

@@ -129,7 +129,8 @@ class Client(BaseClient):
     def dense_rewards(self, items: Sequence[Any], *, tokenizer: Any = None, policy_tokenizer: Optional[str] = None,
                       weights: Optional[Mapping[str, float]] = None, methods: Optional[Dict[str, Any]] = None,
                       on_error: Optional[str] = None, deadline_ms: Optional[int] = None,
-                      shaping_version: Optional[int] = None) -> List[Optional[DenseReward]]:
+                      shaping_version: Optional[int] = None, return_attributions: Optional[bool] = None,
+                      normalization: Optional[str] = None, residual_placement: Optional[str] = None) -> List[Optional[DenseReward]]:
         """Dense rewards for each item, in order.
 
         Args:
@@ -144,6 +145,11 @@ class Client(BaseClient):
             deadline_ms: Total time budget: no retry starts after it; also sent to the server.
             shaping_version: Use this stored version of the server's weights (admin API; e.g. the
                 `TOKENCREDIT_SHAPING_VERSION` a BO trial runs under) instead of the current one.
+            return_attributions: Also return each explained component's attributions (`DenseReward.attributions`:
+                per-token values and the base, Σ values + base = score), on the same tokens as the rewards.
+            normalization: "additive" (the server's default: each token keeps its own attribution, the base goes
+                to the residual placement) or "sign-aware-l1" (the earlier scheme, for comparison only).
+            residual_placement: "last" (default) or "uniform": where each component's base goes.
 
         Returns:
             One `DenseReward` per item (None for a failed item under `on_error="skip"`).
@@ -152,7 +158,10 @@ class Client(BaseClient):
             RewardServiceError, TransportError, ItemFailedError: under `on_error="raise"`.
             ResponseInvariantError: always, when the answer breaks the contract.
         """
-        kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms)
+        shaping = dict(return_attributions=return_attributions, normalization=normalization,
+                       residual_placement=residual_placement)
+        kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms,
+                  shaping=shaping)
         results, failed, outcomes = self._drive(self._dense_flow(items, weights=weights, on_error=on_error,
                                                                       shaping_version=shaping_version, **kw))
         if failed and (on_error or self.on_error) == "fallback":
@@ -263,9 +272,13 @@ class AsyncClient(BaseClient):
     async def dense_rewards(self, items: Sequence[Any], *, tokenizer: Any = None, policy_tokenizer: Optional[str] = None,
                             weights: Optional[Mapping[str, float]] = None, methods: Optional[Dict[str, Any]] = None,
                             on_error: Optional[str] = None, deadline_ms: Optional[int] = None,
-                            shaping_version: Optional[int] = None) -> List[Optional[DenseReward]]:
+                            shaping_version: Optional[int] = None, return_attributions: Optional[bool] = None,
+                            normalization: Optional[str] = None, residual_placement: Optional[str] = None) -> List[Optional[DenseReward]]:
         """See `Client.dense_rewards`."""
-        kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms)
+        shaping = dict(return_attributions=return_attributions, normalization=normalization,
+                       residual_placement=residual_placement)
+        kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms,
+                  shaping=shaping)
         results, failed, outcomes = await self._drive(self._dense_flow(items, weights=weights, on_error=on_error,
                                                                       shaping_version=shaping_version, **kw))
         if failed and (on_error or self.on_error) == "fallback":

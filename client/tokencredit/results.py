@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["DenseReward", "as_numpy", "as_torch"]
+__all__ = ["Attribution", "DenseReward", "as_numpy", "as_torch"]
+
+
+@dataclass
+class Attribution:
+    """One component's explanation of the score, on the same tokens as the rewards: Σ values + base = score.
+
+    Attributes:
+        values (`list[float]`): one value per token, in score units (shap: Shapley values; lime: coefficients;
+            loo: f(x) − f(x without t); prefix: s_t − s_{t−1}; attention: score · attention share).
+        base (`float`): what the tokens do not explain (shap: the score with every response token masked).
+        exact (`bool`, *optional*): shap only: True for exact Shapley values (all coalitions enumerated).
+    """
+
+    values: List[float]
+    base: float
+    exact: Optional[bool] = None
 
 
 @dataclass
@@ -19,6 +35,8 @@ class DenseReward:
         spans (`list[tuple[int, int]]`): character spans into the response, one per reward.
         coverage (`float`): share of the explained mass that landed on the token carrying it.
         degraded (`bool`): True when the dense call failed and `on_error="fallback"` put the score on the last token.
+        attributions (`dict[str, Attribution]`, *optional*): per explained component, its values and base
+            (with `return_attributions=True`).
 
     Example:
         >>> r = DenseReward(id="0", score=1.0, token_rewards=[0.25, 0.75])
@@ -32,6 +50,7 @@ class DenseReward:
     spans: List[Tuple[int, int]] = field(default_factory=list)
     coverage: float = 1.0
     degraded: bool = False
+    attributions: Optional[Dict[str, Attribution]] = None
 
     def as_numpy(self, dtype="float64"):
         import numpy as np

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Dict, List, Literal, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "Component",
@@ -28,6 +28,7 @@ __all__ = [
     "DenseRewardsRequest",
     "ItemError",
     "ItemResult",
+    "TokenAttributions",
     "ModelInfo",
     "ShapingInfo",
     "Usage",
@@ -70,7 +71,8 @@ class _Strict(BaseModel):
 
 
 class ShapingWeights(_Strict):
-    """Simplex weights w: r_t = R · Σ_k w_k e_k[t]. Each w_k ≥ 0 and Σ_k w_k = 1."""
+    """Simplex weights w: r_t = Σ_k w_k r_k[t], r_k being component k's rewards (each sums to R). Each w_k ≥ 0
+    and Σ_k w_k = 1."""
 
     sparse: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the last-token (ordinary RLHF) component.")
     attention: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the RM-attention (ABC) component.")
@@ -105,7 +107,7 @@ class ShapConfig(_Strict):
     # RM); "permutation" and "kernel" are the shap library's PermutationExplainer and KernelExplainer.
     estimator: Literal["permutation", "kernel", "stratified"] = "stratified"
     # RM rows (coalitions) per response; None = 8 × response tokens. Needs at least 2T (stratified), 2T+1
-    # (permutation) or T+2 (kernel).
+    # (permutation) or T+2 (kernel); a budget of 2^T or more enumerates every coalition instead (exact values).
     max_rows: Optional[int] = Field(None, ge=1, le=1_000_000)
     seed: int = 0
 
@@ -214,7 +216,16 @@ class DenseRewardsRequest(_Strict):
     # Per-explainer budget and seed.
     methods: Optional[MethodsConfig] = None
     # Also return each component's own per-token rewards (each sums to the score).
-    return_components: bool = False
+    return_components: StrictBool = False
+    # Also return each explained component's attributions: per-token values and the base (Σ values + base = score),
+    # on the same tokens as token_rewards.
+    return_attributions: StrictBool = False
+    # How attributions become rewards. "additive" (default): r_k[t] = v_k[t] + b_k·u[t], each token keeps its own
+    # attribution in score units and the base b_k goes to the residual placement u. "sign-aware-l1": the earlier
+    # scheme R·(sign(R)·φ/Σ|φ| + residual), kept only for comparison (it can reward a harmful last token).
+    normalization: Literal["additive", "sign-aware-l1"] = "additive"
+    # Where each component's base (and any unexplained mass) goes: the last token, or spread evenly over all.
+    residual_placement: Literal["last", "uniform"] = "last"
     # Time budget in ms (Celery path, `serve --broker`; the embedded engine ignores it): items not explained by
     # then get an explicit `deadline_exceeded` error. None = the server's default (150 s, below OpenRLHF's 180 s).
     deadline_ms: Optional[int] = Field(None, ge=1, le=3_600_000)
@@ -226,6 +237,22 @@ class ItemError(BaseModel):
     code: str
     message: str
     retryable: bool = False
+
+
+class TokenAttributions(BaseModel):
+    """One component's explanation of the score: Σ values + base = score.
+
+    shap: Shapley values and f(∅) (the score with every response token masked; the estimator's float residual and
+    any row-precision difference from the score are in it); lime: local linear coefficients; loo: f(x) − f(x
+    without t); prefix: s_t − s_{t−1}; attention: score · attention share (base 0). The base is always
+    score − Σ values.
+    """
+
+    # One value per entry of token_rewards (policy tokens when given, else RM tokens), in score units.
+    values: List[float]
+    base: float
+    # shap only: true when the values are exact Shapley values (every coalition enumerated), not an estimate.
+    exact: Optional[bool] = None
 
 
 class ItemResult(BaseModel):
@@ -242,6 +269,10 @@ class ItemResult(BaseModel):
     coverage: Optional[float] = None
     # Per component, the rewards that component alone would give (each sums to the score).
     components: Optional[Dict[str, List[float]]] = None
+    # Per explained component, its attributions (on request: return_attributions).
+    attributions: Optional[Dict[str, TokenAttributions]] = None
+    # The shap estimator that ran: "exact" (all 2^T coalitions, when they fit in the budget) or the sampler's name.
+    shap_estimator: Optional[str] = None
     # Response tokens as the RM saw them, and whether the prompt had to be cut from the left to fit.
     rm_tokens: Optional[int] = None
     prompt_truncated: bool = False
@@ -270,6 +301,8 @@ class Usage(BaseModel):
     # RM rows (forward-pass sequences) evaluated for this request, after de-duplication.
     rm_rows: int
     latency_ms: float
+    # Items whose shap values are exact Shapley values (every coalition enumerated, 2^T <= the row budget).
+    shap_exact_items: int = 0
 
 
 class DenseRewardsResponse(BaseModel):
@@ -297,6 +330,7 @@ class InfoResponse(BaseModel):
     components: List[str]
     limits: Limits
     shaping: ShapingInfo
+    # The default `normalization` of dense-rewards requests ("additive").
     normalization: str
 
 

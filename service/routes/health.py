@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from service.deps import ExecutorDep, ShapingDep
 from service.errors import error_response
 from tokencredit.types import Component, ErrorResponse, InfoResponse
-from workers.shaping import NORMALIZATION
+from workers.shaping import NORMALIZATIONS
 
 router = APIRouter(tags=["health"])
 
@@ -39,5 +39,5 @@ async def info(executor: ExecutorDep, shaping: ShapingDep):
         components=[c.value for c in Component if c is not Component.prefix or engine.model.reads_last_position],
         limits=engine.limits,
         shaping=shaping.info(),
-        normalization=NORMALIZATION,
+        normalization=NORMALIZATIONS[0],
     )

@@ -44,5 +44,9 @@ async def dense_rewards(
         model=executor.engine.model_info(),
         shaping=info,
         results=output.results,
-        usage=Usage(rm_rows=output.rm_rows, latency_ms=round((time.perf_counter() - started) * 1000.0, 3)),
+        usage=Usage(
+            rm_rows=output.rm_rows,
+            latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
+            shap_exact_items=sum(r.shap_estimator == "exact" for r in output.results),
+        ),
     )
