@@ -216,3 +216,12 @@ def test_stratified_passes_beyond_t_keep_converging():
     err_few = np.mean([np.abs(v - exact).max() for v in few])
     err_many = np.mean([np.abs(v - exact).max() for v in many])
     assert err_many < 0.5 * err_few  # 20× the passes: ~4.5× smaller errors expected; repeated shifts give none
+
+
+@pytest.mark.parametrize("estimator", ["permutation", "kernel"])
+def test_shap_library_estimators_leave_the_global_numpy_rng_alone(estimator):
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    explain_shap(lambda m: m.astype(float).sum(axis=1), 12, estimator=estimator, max_rows=200, seed=7)
+    assert np.array_equal(np.random.random(3), expected)

@@ -7,6 +7,7 @@ lime libraries are driven on token-position masks, so every row is an id-replace
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ def default_lime_samples(n_tokens: int) -> int:
     return max(64, 8 * n_tokens)
 
 
+@contextlib.contextmanager
+def _global_numpy_rng_restored():
+    state = np.random.get_state()
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def _counting(value_fn: ValueFn):
     rows = [0]
 
@@ -133,23 +143,25 @@ def explain_shap(
     f, rows = _counting(value_fn)
     x = np.ones((1, n_tokens))
     background = np.zeros((1, n_tokens))
-    if estimator == "permutation":
-        masker = shap.maskers.Independent(background, max_samples=1)
-        # shap seeds numpy's global RNG here; the engine runs one request at a time per process, so it is safe.
-        explainer = shap.PermutationExplainer(f, masker, seed=seed)
-        explanation = explainer(x, max_evals=budget, batch_size=2 * n_tokens + 1, silent=True)
-        values = np.asarray(explanation.values[0], dtype=np.float64)
-        base = float(np.asarray(explanation.base_values).reshape(-1)[0])
-        full = base + float(values.sum())
-    elif estimator == "kernel":
-        np.random.seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            explainer = shap.KernelExplainer(f, background, silent=True)
-            values = np.asarray(explainer.shap_values(x, nsamples=budget, l1_reg=False, silent=True), dtype=np.float64)
-        values = values.reshape(-1)[:n_tokens]
-        base = float(np.asarray(explainer.expected_value).reshape(-1)[0])
-        full = float(f(x)[0])
+    # shap's estimators draw from numpy's process-wide RNG (they seed it): restore it afterwards, so that an
+    # explanation never changes the randomness of anything else in the process.
+    with _global_numpy_rng_restored():
+        if estimator == "permutation":
+            masker = shap.maskers.Independent(background, max_samples=1)
+            explainer = shap.PermutationExplainer(f, masker, seed=seed)
+            explanation = explainer(x, max_evals=budget, batch_size=2 * n_tokens + 1, silent=True)
+            values = np.asarray(explanation.values[0], dtype=np.float64)
+            base = float(np.asarray(explanation.base_values).reshape(-1)[0])
+            full = base + float(values.sum())
+        else:
+            np.random.seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                explainer = shap.KernelExplainer(f, background, silent=True)
+                values = np.asarray(explainer.shap_values(x, nsamples=budget, l1_reg=False, silent=True), dtype=np.float64)
+            values = values.reshape(-1)[:n_tokens]
+            base = float(np.asarray(explainer.expected_value).reshape(-1)[0])
+            full = float(f(x)[0])
     return Attribution(values=values, base_value=base, full_value=full, rows=rows[0])
 
 
