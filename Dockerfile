@@ -1,5 +1,6 @@
-# Image for docker-compose.yml (api and worker run the same image with different commands).
-FROM python:3.11-slim
+# Images for docker-compose.yml: `server` (api and worker run it with different commands) and `bo` (the same plus
+# botorch, for `tokencredit bo run`).
+FROM python:3.11-slim AS server
 WORKDIR /app
 # A C++ compiler for torch.compile'd coalition rows (--compile-rows auto on CPU); without one rows fall back to eager.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
@@ -13,3 +14,8 @@ COPY workers ./workers
 RUN pip install --no-cache-dir ./client .
 EXPOSE 8000
 CMD ["tokencredit-server", "serve", "--host", "0.0.0.0"]
+
+# The last stage, so a plain `docker build .` still gives an image that serves (CMD inherited); compose's bo service
+# sets its own command.
+FROM server AS bo
+RUN pip install --no-cache-dir "./client[bo]"

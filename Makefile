@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install openapi demo-model bench bench-serving
+.PHONY: serve test install openapi demo-model bench bench-serving bench-fidelity browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Headless Chromium for the page's tests (tests/test_ui.py, skipped without it), from the OS packages (Debian or
+# Ubuntu, as root), only when missing; .ci/run calls it. Playwright drives this executable: nothing is downloaded.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 openapi: $(STAMP)
 	$(VENV)/bin/tokencredit-server openapi --out openapi.yaml
 
@@ -40,6 +46,13 @@ demo-model: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model --if-missing
 	$(PY) bench/attribution.py $(if $(QUICK),--quick,)
+
+# Fidelity of the default shap values on held-out responses: vs exact Shapley values (≤ 12 tokens) and a large
+# reference (64 tokens), for the encoder demo RM, then the causal one (KIND=causal; build it first with
+# `tokencredit-server demo-model --kind causal`). ~10 min for the encoder RM on one core.
+bench-fidelity: $(STAMP)
+	$(VENV)/bin/tokencredit-server demo-model --if-missing
+	$(PY) bench/fidelity.py --kind $(or $(KIND),encoder)
 
 # Serving benchmark (issue 3): Celery micro-batching and Celery vs embedded throughput; a few minutes on CPU.
 bench-serving: $(STAMP)

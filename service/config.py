@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal, Optional
 
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokencredit.types import Limits, ShapingWeights
+from workers.model import DEFAULT_CAUSAL_MASKING
 
 __all__ = ["Settings", "DEFAULT_WEIGHTS"]
 
@@ -35,6 +37,11 @@ class Settings(BaseSettings):
     # compile (~16 s) happens during warm-up, before health reports ready.
     compile_rows: Literal["auto", "on", "off"] = "auto"
     rm_kind: str = "auto"
+    # How a causal RM's coalition rows leave tokens out: attention, delete, ellipsis or replace (workers/model.py,
+    # CAUSAL_MASKING_MODES; the default is measured in docs/architecture.md). Encoder RMs always use [MASK].
+    causal_masking: Literal["attention", "delete", "ellipsis", "replace"] = DEFAULT_CAUSAL_MASKING
+    # Lay a causal RM's input out with its tokenizer's chat template when it has one.
+    chat_template: bool = True
     positive_label: Optional[str] = None
     negative_label: Optional[str] = None
     mask_token: Optional[str] = None
@@ -71,8 +78,19 @@ class Settings(BaseSettings):
     # SQLite file of the shaping-weight versions (embedded default; with a broker they live in Redis).
     # None = <cache dir>/shaping.sqlite3.
     state_db: Optional[str] = None
+    # Deployment name: shaping versions are kept per (deployment name, RM name, RM revision), so servers sharing a
+    # state file or a Redis share a history only when they serve the same RM under the same name (None = unnamed).
+    deployment: Optional[str] = None
     # Initial shaping weights (version 1 of an empty store), as JSON: {"sparse": 0.2, "shap": 0.8}.
     weights: str = DEFAULT_WEIGHTS.model_dump_json()
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment_name(cls, value: Optional[str]) -> Optional[str]:
+        # Part of SQLite keys, Redis keys and log lines: a plain token, and no "/" or "@" (the key's separators).
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise ValueError(f"deployment name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        return value
 
     @field_validator("weights")
     @classmethod
@@ -95,6 +113,8 @@ class Settings(BaseSettings):
             "explain_dtype": self.explain_dtype,
             "kv_reuse": self.kv_reuse,
             "compile_rows": self.compile_rows,
+            "causal_masking": self.causal_masking,
+            "chat_template": self.chat_template,
         }
 
     def limits(self) -> Limits:

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 
 from service.config import Settings
 from service.executor import EmbeddedExecutor
-from service.shaping_state import ShapingState
+from service.shaping_state import ShapingSnapshot
 
 __all__ = ["ExecutorDep", "SettingsDep", "ShapingDep"]
 
@@ -21,11 +21,11 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_shaping(request: Request) -> ShapingState:
-    # A snapshot of the current version from the durable store (service.shaping_store), cheap per request.
+async def get_shaping(request: Request) -> ShapingSnapshot:
+    # A snapshot of this deployment's current version from the durable store (service.shaping_store), cheap per request.
     return await request.app.state.shaping.current()
 
 
 ExecutorDep = Annotated[EmbeddedExecutor, Depends(get_executor)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ShapingDep = Annotated[ShapingState, Depends(get_shaping)]
+ShapingDep = Annotated[ShapingSnapshot, Depends(get_shaping)]

@@ -122,12 +122,17 @@ class CeleryExecutor:
     # The route records batch sizes for executors that do not (the embedded one runs each request as a batch).
     observes_batches = True
 
-    def __init__(self, settings, metrics=None):
+    def __init__(self, settings, metrics=None, on_model=None):
         self.settings = settings
+        # Called with the weightless validator once loaded (it has the RM's name and revision, which scope the
+        # shaping state).
+        self.on_model = on_model
         # How rows are computed; part of every cache key (see service.cache.request_shared_part). `last_layer`
         # marks rows that run the last layer at the score position only (same arithmetic, other bf16 rounding),
         # so answers cached before it are not served as if computed by it.
-        self._numerics = f"rows={settings.explain_dtype},compile={settings.compile_rows},last_layer=score_position"
+        # `causal_masking` and `chat_template` change a causal RM's value function and layout, so they are keyed too.
+        self._numerics = (f"rows={settings.explain_dtype},compile={settings.compile_rows},last_layer=score_position,"
+                          f"causal_masking={settings.causal_masking},chat_template={settings.chat_template}")
         self.metrics = metrics
         self.engine: Optional[Engine] = None  # the validator: real Engine.prepare on a weightless RewardModel
         self.load_error: Optional[str] = None
@@ -157,6 +162,8 @@ class CeleryExecutor:
 
     def _load(self) -> None:
         model = load_validator(self.settings)
+        if self.on_model is not None:
+            self.on_model(model)
         self.engine = Engine(model, self.settings.limits(), chunk_size=self.settings.chunk_size)
         log.info("validator for %s (revision %s) ready; work goes to queue %r", model.name, model.revision, self.settings.queue)
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 from tokencredit.types import DenseRewardsRequest, ShapingWeights
 from workers.engine import Engine, EngineOutput
@@ -34,8 +34,11 @@ class Unavailable(RuntimeError):
 
 
 class EmbeddedExecutor:
-    def __init__(self, settings):
+    def __init__(self, settings, on_model: Optional[Callable[[object], None]] = None):
         self.settings = settings
+        # Called on the engine thread with the loaded RewardModel, before warm-up (the app scopes its shaping
+        # state to the RM there).
+        self.on_model = on_model
         self.engine: Optional[Engine] = None
         self.load_error: Optional[str] = None
         self.warmup_seconds: Optional[float] = None
@@ -44,6 +47,7 @@ class EmbeddedExecutor:
         # explanations queued before it. Only this thread uses the tokenizers once the model is loaded.
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokencredit-prepare")
         self._pending = 0
+        self._pending_items = 0
 
     @property
     def ready(self) -> bool:
@@ -52,6 +56,11 @@ class EmbeddedExecutor:
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def pending_items(self) -> int:
+        """Items of the requests accepted and not yet answered (the `tokencredit_queue_depth` gauge)."""
+        return self._pending_items
 
     def _load(self) -> None:
         from workers.evaluator import set_torch_threads
@@ -64,6 +73,8 @@ class EmbeddedExecutor:
             model = RewardModel.load(s.model, **s.model_kwargs())
             if s.shaping_weights().prefix > 0 and not model.reads_last_position:
                 raise ValueError("TOKENCREDIT_WEIGHTS gives the prefix component a weight, but it needs a causal RM")
+            if self.on_model is not None:
+                self.on_model(model)
             engine = Engine(model, s.limits(), chunk_size=s.chunk_size)
             if s.warmup:
                 self.warmup_seconds = engine.warmup()
@@ -93,11 +104,13 @@ class EmbeddedExecutor:
         engine = self.engine
         loop = asyncio.get_running_loop()
         self._pending += 1
+        self._pending_items += len(request.items)
         try:
             prepared = await loop.run_in_executor(self._prepare_pool, engine.prepare, request)
             return await loop.run_in_executor(self._pool, engine.run, request, weights, prepared)
         finally:
             self._pending -= 1
+            self._pending_items -= len(request.items)
 
     def shutdown(self) -> None:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)

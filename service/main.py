@@ -14,9 +14,9 @@ from service.config import Settings
 from service.errors import error_response, install_error_handlers
 from service.executor import EmbeddedExecutor
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import admin, compat, health, metrics, rewards
+from service.bo_reports import StudyReports
+from service.routes import admin, bo, compat, health, metrics, rewards, ui
 from service.shaping_state import ShapingState
-from service.shaping_store import make_store
 
 __all__ = ["create_app"]
 
@@ -66,13 +66,18 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
     """Build the app. With load_model=False nothing is loaded (used to render the OpenAPI schema)."""
     settings = settings or Settings()
     app_metrics = Metrics()
+    # Durable, versioned weights (SQLite file embedded, Redis with a broker), scoped to this deployment: the
+    # executor binds them to the RM as soon as it is loaded; nothing is opened before.
+    shaping = ShapingState.for_settings(settings)
     if settings.broker_url:
         # Celery path (workers over Redis); the import stays lazy so the embedded default needs no celery.
         from service.dispatch import CeleryExecutor
 
-        executor = CeleryExecutor(settings, app_metrics)
+        executor = CeleryExecutor(settings, app_metrics, on_model=shaping.bind_model)
     else:
-        executor = EmbeddedExecutor(settings)
+        executor = EmbeddedExecutor(settings, on_model=shaping.bind_model)
+        # The Celery path sets the gauge as items come and go; the embedded one's count is read at scrape time.
+        app_metrics.scrape_hooks.append(lambda: app_metrics.queue_depth.set(executor.pending_items))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -92,8 +97,8 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
     app.state.settings = settings
     app.state.executor = executor
     app.state.metrics = app_metrics
-    # Durable, versioned weights (SQLite file embedded, Redis with a broker); nothing is opened before first use.
-    app.state.shaping = ShapingState(weights=settings.shaping_weights(), store=make_store(settings))
+    app.state.shaping = shaping
+    app.state.bo_reports = StudyReports()
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     # Outermost, so 413s from BodyLimit and error-handler answers are counted too.
@@ -105,4 +110,8 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
     app.include_router(metrics.router)
     app.include_router(compat.router)
     app.include_router(admin.router)
+    app.include_router(bo.router)
+    app.include_router(bo.admin_router)
+    app.include_router(ui.router)
+    ui.mount_static(app)
     return app

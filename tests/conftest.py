@@ -33,6 +33,12 @@ def causal_rm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_chat_rm_dir(tmp_path_factory):
+    """A 1-logit Llama RM whose tokenizer has a ChatML chat template (SmolLM2's layout) saved to disk."""
+    return tiny_models.build_llama_chat_rm(tmp_path_factory.mktemp("llama-chat-rm"))
+
+
+@pytest.fixture(scope="session")
 def encoder_rm(encoder_rm_dir):
     from workers.evaluator import set_torch_threads
     from workers.model import RewardModel
@@ -53,3 +59,10 @@ def causal_rm(causal_rm_dir):
 def bpe_policy_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE policy tokenizer directory (different from either RM's tokenizer)."""
     return tiny_models.build_policy_tokenizer(tmp_path_factory.mktemp("policy-tok"))
+
+
+@pytest.fixture(scope="session")
+def llama_chat_rm(llama_chat_rm_dir):
+    from workers.model import RewardModel
+
+    return RewardModel.load(llama_chat_rm_dir, explain_dtype="float32")

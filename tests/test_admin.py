@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
-from service.shaping_store import RedisShapingStore, SqliteShapingStore, StaleVersion
-from tests.celery_helpers import DEFAULT_REDIS, require_default_redis, stop, wait_ready
+from service.shaping_store import Deployment, RedisShapingStore, SqliteShapingStore, StaleVersion
+from tests.celery_helpers import DEFAULT_REDIS, cleanup_redis, require_default_redis, stop, unique_names, wait_ready
 from tests.server_helpers import spawn_server
 from tokencredit.types import ShapingWeights
 
@@ -20,6 +22,8 @@ ITEM = {"prompt": "Tell me about the movie.", "response": "The movie was wonderf
 # Cheap components only (no shap/lime: no numba JIT, few RM rows).
 INITIAL = {"sparse": 0.5, "attention": 0.5}
 FULL = lambda w: {c: float(w.get(c, 0.0)) for c in ("sparse", "attention", "shap", "lime", "loo", "prefix")}  # noqa: E731
+# Stores are keyed by deployment; these tests use one (the two-server scoping tests are in test_deployments.py).
+DEPLOYMENT = Deployment(None, "tiny-rm", "0123456789ab")
 
 
 _spawn = spawn_server
@@ -64,6 +68,12 @@ def _error(r, status):
     return r.json()["error"]
 
 
+def _deployment(url):
+    """What the server's answers must name: `rm@revision` of the RM it serves (no deployment name configured)."""
+    model = httpx.get(f"{url}/v1/info", timeout=10).json()["model"]
+    return f"{model['name']}@{model['revision']}"
+
+
 # ---------------------------------------------------------------------------------------------------- auth
 def test_no_configured_token_is_403(env):
     url = _url(env, "closed")
@@ -87,8 +97,10 @@ def test_get_put_and_dense_rewards_follow(env):
     r = _get(url)
     assert r.status_code == 200 and r.headers["ETag"] == '"v1"'
     body = r.json()
+    deployment = _deployment(url)
     assert body["version"] == 1 and body["weights"] == FULL(INITIAL) and body["updated_at"] and "updated_by" in body
-    assert _dense(url).json()["shaping"] == {"version": 1, "weights": FULL(INITIAL)}
+    assert body["deployment"] == deployment
+    assert _dense(url).json()["shaping"] == {"version": 1, "weights": FULL(INITIAL), "deployment": deployment}
 
     assert _error(_put(url, {"sparse": 1.0}), 428)["field"] == "If-Match"
     assert _error(_put(url, {"sparse": 1.0}, '"v7"'), 412)["field"] == "If-Match"
@@ -98,24 +110,31 @@ def test_get_put_and_dense_rewards_follow(env):
     assert _error(_put(url, {"sparse": 0.5, "bogus": 0.5}, '"v1"'), 422)["field"] == "weights.bogus"
     err = _error(_put(url, {"sparse": 0.5, "attention": 0.2}, '"v1"'), 422)
     assert err["field"] == "weights" and "simplex" in err["message"]
+    # A component this encoder RM cannot compute: named, nothing written.
+    err = _error(_put(url, {"sparse": 0.5, "prefix": 0.5}, '"v1"'), 422)
+    assert err["field"] == "weights.prefix" and "cannot compute the prefix component" in err["message"]
     assert _get(url).json()["version"] == 1
 
     r = _put(url, {"sparse": 1.0}, '"v1"', updated_by="alice")
     assert r.status_code == 200, r.text
     assert r.headers["ETag"] == '"v2"' and r.json()["version"] == 2 and r.json()["updated_by"] == "alice"
+    assert r.json()["deployment"] == deployment
     out = _dense(url).json()
-    assert out["shaping"] == {"version": 2, "weights": FULL({"sparse": 1.0})}
+    assert out["shaping"] == {"version": 2, "weights": FULL({"sparse": 1.0}), "deployment": deployment}
     # sparse only: all the reward on the last token.
     rewards = out["results"][0]["token_rewards"]
     assert all(x == 0.0 for x in rewards[:-1]) and rewards[-1] != 0.0
     assert _error(_put(url, {"sparse": 0.5, "attention": 0.5}, '"v1"'), 412)  # stale now
-    assert httpx.get(f"{url}/v1/info", timeout=10).json()["shaping"]["version"] == 2
+    assert httpx.get(f"{url}/v1/info", timeout=10).json()["shaping"] == out["shaping"]
+    # A request's own weights: no version, the same deployment.
+    own = _dense(url, weights={"attention": 1.0}).json()["shaping"]
+    assert own == {"version": None, "weights": FULL({"attention": 1.0}), "deployment": deployment}
 
 
 def test_pin_old_version(env):
     url = _url(env)
     out = _dense(url, shaping_version=1).json()
-    assert out["shaping"] == {"version": 1, "weights": FULL(INITIAL)}
+    assert out["shaping"] == {"version": 1, "weights": FULL(INITIAL), "deployment": _deployment(url)}
     assert out["results"][0]["token_rewards"][0] != 0.0  # attention spreads reward, unlike v2's sparse
     err = _error(_dense(url, shaping_version=99), 422)
     assert err["field"] == "shaping_version"
@@ -141,8 +160,10 @@ def test_concurrent_writers_exactly_one_wins(env):
 
 def test_history_and_restart_keep_versions(env, encoder_rm_dir):
     url = _url(env)
-    history = httpx.get(f"{url}/admin/v1/shaping/history", headers=AUTH, timeout=10).json()["versions"]
+    answer = httpx.get(f"{url}/admin/v1/shaping/history", headers=AUTH, timeout=10).json()
+    history = answer["versions"]
     assert [v["version"] for v in history] == [1, 2, 3]
+    assert answer["deployment"] == _deployment(url) and {v["deployment"] for v in history} == {answer["deployment"]}
     assert history[1]["updated_by"] == "alice" and history[2]["updated_by"].startswith("writer-")
     assert all(v["updated_at"] for v in history)
     current = _get(url).json()
@@ -207,8 +228,8 @@ def _store_contract(store):
 
 def test_sqlite_store(tmp_path):
     path = tmp_path / "s.sqlite3"
-    _store_contract(SqliteShapingStore(path, ShapingWeights(**INITIAL)))
-    again = SqliteShapingStore(path, ShapingWeights(sparse=1.0))  # a restart: the stored versions win over settings
+    _store_contract(SqliteShapingStore(path, ShapingWeights(**INITIAL), DEPLOYMENT))
+    again = SqliteShapingStore(path, ShapingWeights(sparse=1.0), DEPLOYMENT)  # a restart: stored versions win over settings
     assert again.current().version == 2 and [r.version for r in again.history()] == [1, 2]
 
 
@@ -219,8 +240,8 @@ def test_redis_store():
     prefix = f"tc-test-admin-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(DEFAULT_REDIS)
     try:
-        _store_contract(RedisShapingStore(DEFAULT_REDIS, prefix, ShapingWeights(**INITIAL)))
-        again = RedisShapingStore(DEFAULT_REDIS, prefix, ShapingWeights(sparse=1.0))
+        _store_contract(RedisShapingStore(DEFAULT_REDIS, prefix, ShapingWeights(**INITIAL), DEPLOYMENT))
+        again = RedisShapingStore(DEFAULT_REDIS, prefix, ShapingWeights(sparse=1.0), DEPLOYMENT)
         assert again.current().version == 2 and [r.version for r in again.history()] == [1, 2]
     finally:
         keys = list(client.scan_iter(f"{prefix}:*"))
@@ -229,29 +250,35 @@ def test_redis_store():
         client.close()
 
 
-def test_broker_mode_uses_redis():
-    """With a broker, the app's versions live in Redis: a second app (another replica) sees a PUT at once."""
+def test_broker_mode_uses_redis(encoder_rm_dir):
+    """With a broker, the app's versions live in Redis: a second app (another replica of the deployment) sees a PUT
+    at once. Before its RM is loaded an app does not know its deployment, so the admin API answers 503."""
     require_default_redis()
     from fastapi.testclient import TestClient
 
     from service.config import Settings
     from service.main import create_app
 
-    prefix = f"tc-test-admin-{uuid.uuid4().hex[:8]}"
-    settings = Settings(broker_url=DEFAULT_REDIS, key_prefix=prefix, admin_token=TOKEN, weights=json.dumps(INITIAL))
+    names = unique_names("admin")
+    settings = Settings(broker_url=DEFAULT_REDIS, **names, admin_token=TOKEN, weights=json.dumps(INITIAL),
+                        model=str(encoder_rm_dir), warmup=False)
     try:
-        with TestClient(create_app(settings, load_model=False)) as a, TestClient(create_app(settings, load_model=False)) as b:
-            assert a.get("/admin/v1/shaping", headers=AUTH).headers["ETag"] == '"v1"'
+        with TestClient(create_app(settings, load_model=False)) as unloaded:
+            err = _error(unloaded.get("/admin/v1/shaping", headers=AUTH), 503)
+            assert err["code"] == "not_ready" and err["retryable"]
+        with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+            for client in (a, b):
+                deadline = time.monotonic() + 60
+                while client.get("/readyz").status_code != 200:  # the weightless validator loads in the background
+                    assert time.monotonic() < deadline, "validator not loaded"
+                    time.sleep(0.1)
+            r = a.get("/admin/v1/shaping", headers=AUTH)
+            assert r.headers["ETag"] == '"v1"' and r.json()["deployment"].startswith(Path(encoder_rm_dir).name + "@")
             assert a.put("/admin/v1/shaping", headers=dict(AUTH, **{"If-Match": '"v1"'}), json={"weights": {"loo": 1.0}}).status_code == 200
             assert b.get("/admin/v1/shaping", headers=AUTH).json()["weights"] == FULL({"loo": 1.0})
+            assert b.get("/v1/info").json()["shaping"]["version"] == 2
     finally:
-        import redis
-
-        client = redis.Redis.from_url(DEFAULT_REDIS)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        cleanup_redis(DEFAULT_REDIS, names)
 
 
 def test_store_says_when_it_overrides_the_configured_weights(tmp_path, caplog):
@@ -262,8 +289,8 @@ def test_store_says_when_it_overrides_the_configured_weights(tmp_path, caplog):
 
     path = tmp_path / "state.sqlite3"
     with caplog.at_level(logging.WARNING, logger="tokencredit.shaping"):
-        assert SqliteShapingStore(path, ShapingWeights(sparse=1.0)).current().version == 1
+        assert SqliteShapingStore(path, ShapingWeights(sparse=1.0), DEPLOYMENT).current().version == 1
         assert not caplog.records  # an empty store simply takes the configured weights
-        restarted = SqliteShapingStore(path, ShapingWeights(shap=1.0))
+        restarted = SqliteShapingStore(path, ShapingWeights(shap=1.0), DEPLOYMENT)
         assert restarted.current().shaping_weights().sparse == 1.0  # durable: the stored version wins
     assert any("TOKENCREDIT_WEIGHTS" in r.getMessage() for r in caplog.records)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -375,3 +377,107 @@ def test_cli_run_survives_a_kill_and_resumes(server, tmp_path):
     assert status.returncode == 0, status.stderr
     assert f"{total} trials ({total - 1} complete, 0 pending, 1 failed)" in status.stdout
     assert "best: trial" in status.stdout and len(status.stdout.splitlines()) == total + 3
+
+
+PROGRESS_OBJECTIVE = textwrap.dedent('''
+    """Prints to both streams; trial 1 runs until the test has watched it run (the gate file appears)."""
+    import os, pathlib, sys, time
+    trial = int(os.environ["TOKENCREDIT_TRIAL_ID"])
+    print(f"step 1 of trial {trial}", flush=True)
+    print(f"a warning on stderr from trial {trial}", file=sys.stderr, flush=True)
+    if trial == 1:
+        while not pathlib.Path(sys.argv[1]).exists():
+            time.sleep(0.05)
+    print(0.5 + trial / 10)
+''')
+
+
+def test_cli_run_shows_progress_keeps_logs_and_reports_to_the_server(server, tmp_path):
+    url = server["url"]
+    script, gate, study_path = tmp_path / "objective.py", tmp_path / "go", tmp_path / "prog.json"
+    script.write_text(PROGRESS_OBJECTIVE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
+    env["TOKENCREDIT_ADMIN_TOKEN"] = TOKEN
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(gate))}"
+    proc = subprocess.Popen(_cli("bo", "run", "--service", url, "--trials", 2, "--objective-cmd", cmd, "--study", study_path,
+                                 "--components", "sparse,shap", "--n-init", 2, "--status-every", 0.3),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # While trial 1 runs, the server shows it running, after trial 0's result.
+        deadline = time.monotonic() + 90
+        while True:
+            r = httpx.get(f"{url}/v1/bo/studies/prog", timeout=10)
+            shown = r.json() if r.status_code == 200 else None
+            if shown and len(shown["trials"]) == 2 and shown["trials"][1]["running_for_s"] is not None:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (r.text, proc.poll())
+            time.sleep(0.1)
+        assert shown["state"] == "running" and shown["target_trials"] == 2 and shown["components"] == ["sparse", "shap"]
+        assert shown["trials"][0]["status"] == "complete" and shown["trials"][0]["value"] == 0.5
+        assert shown["trials"][0]["running_for_s"] is None and shown["trials"][1]["status"] == "pending"
+        time.sleep(2.5)  # the run loop ticks every second: long enough for a status line naming the running trial
+        gate.touch()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    logs = tmp_path / "prog.trials"
+    assert f"trial logs: {logs}{os.sep}<id>.log" in out and f"progress: {url}/ui#bo/prog" in out
+    for line in ("trial #0 started: sobol v", "trial 1/2  #0", "trial #1 started: sobol v", "trial 2/2  #1"):
+        assert line in out, (line, out)
+    assert re.search(r"^1/2 trials · running #1 \d+s · best 0\.5 \(trial 0\)$", out, re.M), out
+    assert re.search(r"trial 2/2 .* -> 0\.6 in \d+s", out), out
+    assert "\x1b" not in out  # no bar when stdout is not a terminal
+    for trial in (0, 1):  # the whole output of each trial, both streams
+        text = (logs / f"{trial}.log").read_text()
+        assert text.startswith(f"=== trial {trial} · shaping version ")
+        for line in (f"step 1 of trial {trial}", f"a warning on stderr from trial {trial}", str(0.5 + trial / 10)):
+            assert line in text.splitlines(), (line, text)
+        assert f"log {logs / f'{trial}.log'}" in out
+    final = httpx.get(f"{url}/v1/bo/studies/prog", timeout=10).json()
+    study = _study(study_path)
+    assert final["state"] == "done" and [t["running_for_s"] for t in final["trials"]] == [None, None]
+    for mine, theirs in zip(study["trials"], final["trials"], strict=True):
+        assert {k: theirs[k] for k in ("id", "status", "value", "weights", "shaping_version")} == \
+               {k: mine[k] for k in ("id", "status", "value", "weights", "shaping_version")}
+        assert theirs["log"] == str((logs / f"{mine['id']}.log").resolve())
+    best = int(re.search(r"^best: trial (\d+)", out, re.M).group(1))
+    assert final["best_trial"] == best
+    assert TOKEN not in out
+
+
+def test_study_reports_need_the_admin_token(server):
+    body = {"components": ["sparse", "shap"], "target_trials": 1, "trials": []}
+    assert httpx.put(f"{server['url']}/admin/v1/bo/studies/x", json=body, timeout=10).status_code == 401
+    bad = httpx.put(f"{server['url']}/admin/v1/bo/studies/no%20spaces", json=body, timeout=10,
+                    headers={"Authorization": f"Bearer {TOKEN}"})
+    assert bad.status_code == 422
+    assert httpx.get(f"{server['url']}/v1/bo/studies/never-reported", timeout=10).status_code == 404
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    from tokencredit.bo.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    study = Study(["sparse", "shap"], n_init=2)
+    first, second = study.add_trial({"sparse": 0.5, "shap": 0.5}, "sobol"), study.add_trial({"sparse": 1.0, "shap": 0.0}, "sobol")
+    screen = Terminal()
+    progress = Progress(4, screen)
+    progress.started(first, 7, None)
+    progress.started(second, 8, Path("/tmp/8.log"))
+    progress.tick(study, None)
+    assert screen.getvalue().endswith("\r\x1b[K[--------------------] 0/4 trials · running #0 0s, #1 0s · best none yet")
+    study.set_version(first.id, 7)
+    done = study.complete(first.id, 0.25)
+    progress.finished(study, done, done)
+    progress.tick(study, done)
+    assert "\r\x1b[Ktrial 1/4  #0 sobol v7  sparse=0.500 shap=0.500  -> 0.25 in 0s  best 0.25 (trial 0)\n" in screen.getvalue()
+    assert screen.getvalue().endswith("\r\x1b[K[#####---------------] 1/4 trials · running #1 0s · best 0.25 (trial 0)")
+    progress.close()
+    assert screen.getvalue().endswith("\r\x1b[K")

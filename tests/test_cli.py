@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +68,71 @@ def test_worker_children_get_every_model_flag(tmp_path):
     assert cmd[cmd.index("--compile-rows") + 1] == "off"
     child = build_parser().parse_args(cmd[3:])  # the child parses its own command line back
     assert child.compile_rows == "off" and child.explain_dtype == "float32"
+
+
+def test_explain_json_on_policy_tokens(encoder_rm_dir, bpe_policy_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    response = "The movie was wonderful, my friend!"
+    out = _cli("explain", "--model", str(encoder_rm_dir), "--prompt", "How was it?", "--response", response,
+               "--weights", '{"shap": 0.7, "sparse": 0.3}', "--policy-tokenizer", str(bpe_policy_tokenizer_dir), "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)  # stdout is the JSON alone; the waiting lines went to stderr
+    policy = AutoTokenizer.from_pretrained(str(bpe_policy_tokenizer_dir))
+    ids = policy(response, add_special_tokens=False)["input_ids"]
+    assert result["tokens_of"] == "policy" and len(result["token_rewards"]) == len(result["tokens"]) == len(ids)
+    assert "".join(result["tokens"]) == response  # byte-level BPE tokens cover the response exactly
+    assert math.isclose(math.fsum(result["token_rewards"]), result["score"], abs_tol=1e-9)
+    for name in ("sparse", "shap"):  # what the trainer gets, and why: each component and its attributions
+        assert math.isclose(math.fsum(result["components"][name]), result["score"], abs_tol=1e-9)
+    shap = result["attributions"]["shap"]
+    assert math.isclose(math.fsum(shap["values"]) + shap["base"], result["score"], abs_tol=1e-9)
+    assert "loading the reward model" in out.stderr and "explaining" in out.stderr
+
+
+def test_explain_bad_input_is_one_line(encoder_rm_dir, tmp_path):
+    base = ["explain", "--model", str(encoder_rm_dir), "--prompt", "Hi."]
+    cases = [
+        ([*base, "--response", "Fine.", "--weights", '{"shap": 0.5'], "--weights is not JSON"),
+        ([*base, "--response", "Fine.", "--weights", '{"shap": 0.5}'], "--weights: weights must lie on the simplex"),
+        ([*base, "--response", "Fine.", "--weights", '{"shapp": 1}'], "--weights: shapp: Extra inputs are not permitted"),
+        ([*base, "--response", "   "], "--response: response must contain at least one non-whitespace character"),
+        ([*base, "--response", "word " * 400], "--response is too long: 800 RM tokens exceed the limit of 252"),
+        ([*base, "--response", "Fine.", "--policy-tokenizer", str(tmp_path / "none")], "--policy-tokenizer: "),
+        (["explain", "--model", str(tmp_path), "--prompt", "Hi.", "--response", "Fine."], "cannot load a reward model from"),
+    ]
+    for args, message in cases:
+        out = _cli(*args)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("tokencredit-server explain:")]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+        assert len(errors) == 1 and message in errors[0], (message, out.stderr[-2000:])
+        assert out.stdout == ""
+
+
+def test_serve_says_what_it_waits_for(encoder_rm_dir, tmp_path):
+    from tests.celery_helpers import stop, wait_ready
+    from tests.server_helpers import spawn_server
+
+    proc, url = spawn_server(encoder_rm_dir, tmp_path / "serve.log", state_db=tmp_path / "s.sqlite3")
+    try:
+        wait_ready(proc, url, tmp_path / "serve.log")
+        deadline = time.monotonic() + 10
+        while "ready after" not in (log := (tmp_path / "serve.log").read_text()):
+            assert time.monotonic() < deadline, log
+            time.sleep(0.1)
+    finally:
+        stop(proc)
+    assert "waiting for the reward model to load; /readyz answers 503 until then" in log
+    assert re.search(rf"ready after \d+ s: open {re.escape(url)}/ui in a browser", log), log
+
+
+def test_serve_without_model_says_it_builds_the_demo_rm_first(tmp_path):
+    env = dict(ENV, TOKENCREDIT_CACHE_DIR=str(tmp_path))  # an empty cache: the demo RM is not built there
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()  # said before the build starts; the build is not waited for
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert first.startswith(f"no --model: building the demo sentiment RM into {tmp_path}") and "~5 min" in first, first

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from workers.evaluator import CoalitionEvaluator, RowCounter
+from workers.model import RewardModel
 
 PROMPT = "Tell me about your weekend."
 RESPONSE = "It was amazing, I had a great time 😀 with friends!"
@@ -31,18 +32,20 @@ def test_unmasked_score_matches_the_models_own_forward(rm):
     assert CoalitionEvaluator(rm).score(inp) == pytest.approx(_hf_score(rm, PROMPT, RESPONSE), abs=1e-5)
 
 
-def test_only_response_tokens_are_replaced_and_lengths_never_change(rm, monkeypatch):
+def test_only_response_tokens_are_replaced_and_lengths_never_change(rm, causal_rm_dir, monkeypatch):
+    if rm.kind == "causal":  # id replacement is one of a causal RM's value functions (tests/test_causal_masking.py)
+        rm = RewardModel.load(causal_rm_dir, explain_dtype="float32", causal_masking="replace")
     inp = rm.encode(PROMPT, RESPONSE)
     seen = []
     original = rm.scores
 
-    def spy(ids, types, low_precision=False, cache=None):
+    def spy(ids, types, low_precision=False, cache=None, **reading):
         full = ids
         if cache is not None:  # causal KV reuse: only the response columns run, the prompt comes from the cache
             prefix = inp.input_ids[: inp.response_positions[0]]
             full = np.concatenate([np.broadcast_to(prefix, (len(ids), len(prefix))), ids], axis=1)
         seen.append(full.copy())
-        return original(ids, types, low_precision, cache)
+        return original(ids, types, low_precision, cache, **reading)
 
     monkeypatch.setattr(rm, "scores", spy)
     masks = np.random.default_rng(0).random((10, inp.n_tokens)) < 0.5
@@ -75,19 +78,23 @@ def test_chunking_does_not_change_scores(rm):
     assert np.allclose(a, b, atol=1e-5)  # fp32 reductions depend on the batch shape at ~1e-7
 
 
-def test_causal_score_is_read_at_the_last_position_even_when_the_mask_id_is_the_pad_id(causal_rm):
-    # The tiny GPT-2's mask id falls back to its pad id; HF's own "last non-pad token" logic would then read an
-    # earlier position whenever the last response token is masked.
-    assert causal_rm.mask_token_id == causal_rm.tokenizer.pad_token_id
-    inp = causal_rm.encode(PROMPT, RESPONSE)
+@pytest.mark.parametrize("masking", ["replace", "attention", "delete", "ellipsis"])
+def test_causal_score_is_never_read_at_a_masked_last_token(causal_rm_dir, masking):
+    # Without a chat template (and eos = pad, as here) the score is read at the last token. A row that masks the
+    # last response token is then read at the last kept one: the RM's own forward on the text without it. (Before,
+    # it was read at the masked position itself, where the tiny GPT-2 had the pad id.)
+    rm = RewardModel.load(causal_rm_dir, explain_dtype="float32", causal_masking=masking)
+    assert rm.mask_token_id == rm.tokenizer.pad_token_id == rm.tokenizer.eos_token_id
+    inp = rm.encode(PROMPT, RESPONSE)
+    assert inp.response_end == len(inp.input_ids)  # nothing after the response: eos = pad is not appended
     mask = np.ones((1, inp.n_tokens), bool)
     mask[0, -1] = False
-    ids = inp.input_ids.copy()
-    ids[inp.response_positions[-1]] = causal_rm.mask_token_id
+    ids = inp.input_ids[:-1]
+    if masking == "ellipsis":  # the text ends in the "..." that stands for the token, as in shap's Text masker
+        ids = np.concatenate([ids, rm.tokenizer(" ...", add_special_tokens=False)["input_ids"]])
     with torch.inference_mode():
-        hidden = causal_rm.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state
-        expected = float(causal_rm.model.score(hidden[:, -1])[0, 0])
-    assert CoalitionEvaluator(causal_rm)(inp, mask)[0] == pytest.approx(expected, abs=1e-5)
+        expected = float(rm.model(input_ids=torch.from_numpy(ids[None])).logits[0, 0])
+    assert CoalitionEvaluator(rm)(inp, mask)[0] == pytest.approx(expected, abs=1e-5)
 
 
 def test_bad_mask_shape_is_refused(encoder_rm):

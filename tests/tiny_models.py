@@ -94,3 +94,37 @@ def build_policy_tokenizer(out: Path) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=_bytelevel_bpe_tokenizer(vocab_size=280), eos_token="<|endoftext|>")
     tok.save_pretrained(out)
     return Path(out)
+
+
+# ChatML as SmolLM2-Instruct ships it (a default system turn when the conversation has none).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_llama_chat_rm(out: Path, *, layers: int = 2, hidden: int = 32, init: float = 0.2) -> Path:
+    """A 1-logit Llama RM (RoPE, grouped-query attention) whose tokenizer has a ChatML chat template, laid out
+    like SmolLM2's: eos = pad = <|im_end|>, unk = <|endoftext|>, no BOS added."""
+    from tokenizers import AddedToken
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    backend = _bytelevel_bpe_tokenizer()
+    backend.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", bos_token="<|im_start|>")
+    tok.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256, num_labels=1,
+        initializer_range=init, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)

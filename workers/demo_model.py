@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 MODEL_DIR_NAME = "demo-rm-minilm-sentiment"
+# The causal demo RM (SmolLM2 + a scalar head), built by workers/causal_demo_model.py.
+CAUSAL_MODEL_DIR_NAME = "demo-rm-smollm2-sentiment"
 META_FILE = "tokencredit_demo.json"
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 
@@ -52,6 +54,11 @@ def default_cache_dir() -> Path:
 def default_demo_model_dir() -> Path:
     """Returns ``<cache>/demo-rm-minilm-sentiment``."""
     return default_cache_dir() / MODEL_DIR_NAME
+
+
+def default_causal_demo_model_dir() -> Path:
+    """Returns ``<cache>/demo-rm-smollm2-sentiment`` (``tokencredit-server demo-model --kind causal``)."""
+    return default_cache_dir() / CAUSAL_MODEL_DIR_NAME
 
 
 def _default_threads() -> int:

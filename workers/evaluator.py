@@ -1,8 +1,16 @@
 """The coalition evaluator: the only code that runs the reward model.
 
-A coalition is a boolean mask over the response's RM tokens (True = token kept). Masked tokens are replaced by
-the mask id in place, so every row has the prompt's and the response's exact length: no re-tokenization, no
-padding inside a batch, and the prompt is never touched. Identical masks are evaluated once.
+A coalition is a boolean mask over the response's RM tokens (True = token kept). How a row leaves the other tokens
+out is the model's value function (`RewardModel.masking`):
+
+* encoder RMs, and causal RMs under "replace": absent ids are overwritten with the mask id, so every row has the
+  input's exact length (no re-tokenization, no padding);
+* causal "attention": rows keep every id and position, and an attention mask hides the absent tokens;
+* causal "delete" / "ellipsis": absent tokens are cut out (or each run becomes "..."), so rows differ in length;
+  they are sorted by length, right-padded per chunk, and each is read at its own last id.
+
+The prompt (and a chat template's text around the response) is never touched, and a causal row's score is never
+read at an absent token (`RewardModel.read_positions`). Identical masks are evaluated once.
 """
 
 from __future__ import annotations
@@ -75,35 +83,100 @@ class CoalitionEvaluator:
             unique_masks = masks[first]
         else:
             unique_masks, inverse = masks, np.arange(len(masks))
-        n = len(unique_masks)
-        rows = np.broadcast_to(rm_input.input_ids, (n, len(rm_input.input_ids))).copy()
-        response_ids = rm_input.response_ids
-        rows[:, rm_input.response_positions] = np.where(unique_masks, response_ids[None, :], self.model.mask_token_id)
-        type_rows = None
-        if rm_input.token_type_ids is not None:
-            type_rows = np.broadcast_to(rm_input.token_type_ids, rows.shape).copy()
-        out = np.empty(n, dtype=np.float64)
-        model = self.model
-        cache = None
-        prefix = int(rm_input.response_positions[0])
-        if model.reads_last_position and model.kv_reuse and prefix > 0:
-            # Causal RM: the prompt is never masked, so its keys/values are computed once and only the response
-            # columns run per row (exact: the response attends to the same prompt states).
-            with torch.inference_mode():
-                cache = model.prompt_cache(rm_input.input_ids[:prefix], low_precision)
-            rows = rows[:, prefix:]
-        # Equal chunks (129 rows → 43+43+43, not 64+64+1): a 1-row forward costs nearly as much as a full one.
-        n_chunks = -(-n // self.chunk_size)
-        bounds = np.linspace(0, n, n_chunks + 1).round().astype(int)
         with torch.inference_mode():
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                chunk_types = None if type_rows is None else type_rows[start:stop]
-                out[start:stop] = model.scores(rows[start:stop], chunk_types, low_precision, cache)
+            if self.model.masking in ("delete", "ellipsis"):
+                out = self._ragged_rows(rm_input, unique_masks, low_precision)
+            else:
+                out = self._fixed_rows(rm_input, unique_masks, low_precision)
         if counter is not None:
-            counter.rows += n
+            counter.rows += len(unique_masks)
             counter.requested += len(masks)
             counter.calls += 1
         return out[inverse.reshape(-1)]
+
+    def _prompt_cache(self, rm_input: RMInput, low_precision: bool):
+        """The KV cache of the ids before the response, when rows may reuse it (causal RM, something to cache)."""
+        model = self.model
+        if model.reads_last_position and model.kv_reuse and rm_input.response_start > 0:
+            # The prompt is never masked, so its keys/values are computed once and only the columns after it run
+            # per row (exact: every row attends to the same prompt states at the same positions).
+            return model.prompt_cache(rm_input.input_ids[: rm_input.response_start], low_precision)
+        return None
+
+    def _chunks(self, n: int):
+        # Equal chunks (129 rows → 43+43+43, not 64+64+1): a 1-row forward costs nearly as much as a full one.
+        n_chunks = -(-n // self.chunk_size)
+        bounds = np.linspace(0, n, n_chunks + 1).round().astype(int)
+        return zip(bounds[:-1], bounds[1:])
+
+    def _fixed_rows(self, rm_input: RMInput, keep: np.ndarray, low_precision: bool) -> np.ndarray:
+        """"replace" (any RM) and "attention" (causal): rows of the input's own length."""
+        model = self.model
+        n, length = len(keep), len(rm_input.input_ids)
+        rows = np.broadcast_to(rm_input.input_ids, (n, length)).copy()
+        visible = None
+        if model.masking == "attention":
+            visible = np.ones((n, length), dtype=bool)
+            visible[:, rm_input.response_positions] = keep
+        else:
+            rows[:, rm_input.response_positions] = np.where(keep, rm_input.response_ids[None, :], model.mask_token_id)
+        type_rows = None
+        if rm_input.token_type_ids is not None:
+            type_rows = np.broadcast_to(rm_input.token_type_ids, rows.shape).copy()
+        read = model.read_positions(rm_input, keep) if model.reads_last_position else None
+        cache = self._prompt_cache(rm_input, low_precision)
+        if cache is not None:
+            rows, read = rows[:, cache.length :], read - cache.length
+            visible = None if visible is None else visible[:, cache.length :]
+        if read is not None and np.all(read == rows.shape[1] - 1):
+            read = None  # every row is read at its last column: the plain path
+        return self._run(rows, type_rows, visible, read, cache, low_precision)
+
+    def _ragged_rows(self, rm_input: RMInput, keep: np.ndarray, low_precision: bool) -> np.ndarray:
+        """"delete" and "ellipsis" (causal): absent tokens cut out, so rows differ in length."""
+        model = self.model
+        ids, start, end = rm_input.input_ids, rm_input.response_start, rm_input.response_end
+        response = rm_input.response_ids
+        cache = self._prompt_cache(rm_input, low_precision)
+        head = ids[:start] if cache is None else ids[:0]
+        tail = ids[end:]
+        if model.masking == "delete":
+            middles = [response[k] for k in keep]
+        else:
+            middles = [_with_ellipses(response, k, model.ellipsis_ids) for k in keep]
+        pieces = [np.concatenate([head, middle, tail]) for middle in middles]
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        # Right-padded (the padding follows each row's reading column, so no row ever sees it) and sorted by
+        # length, so each chunk is cut to little more than its own rows (`RewardModel.scores` drops the columns
+        # after a chunk's last reading column).
+        order = np.argsort(lengths, kind="stable")
+        rows = np.full((len(pieces), max(1, int(lengths.max()))), model.mask_token_id, dtype=np.int64)
+        for i, piece in enumerate(pieces):
+            rows[i, : len(piece)] = piece
+        result = np.empty(len(pieces), dtype=np.float64)
+        result[order] = self._run(rows[order], None, None, lengths[order] - 1, cache, low_precision)
+        return result
+
+    def _run(self, rows, type_rows, visible, read, cache, low_precision: bool) -> np.ndarray:
+        """Scores of the rows in balanced chunks. A causal row whose reading column is inside the cached prompt
+        (read < 0: no response token kept, nothing after the response) takes the prompt's own score; with no
+        prompt at all, the empty text is worth 0.0 (as `RewardModel.prefix_scores` entry 0)."""
+        n = len(rows)
+        out = np.empty(n, dtype=np.float64)
+        live = np.arange(n)
+        if read is not None:
+            out[read < 0] = cache.last_score if cache is not None else 0.0
+            live = np.flatnonzero(read >= 0)
+        for lo, hi in self._chunks(len(live)):
+            index = live[lo:hi]
+            causal = {}  # causal rows only: encoder rows keep `scores`' original call
+            if visible is not None:
+                causal["visible"] = visible[index]
+            if read is not None:
+                causal["read_at"] = read[index]
+            types = None if type_rows is None else type_rows[index]
+            out[index] = self.model.scores(rows[index], types, low_precision, cache, **causal)
+        return out
 
     def score(self, rm_input: RMInput, counter: RowCounter | None = None) -> float:
         """The unmasked sequence score R."""
@@ -116,3 +189,17 @@ class CoalitionEvaluator:
             counter.rows += 1
             counter.calls += 1
         return row
+
+
+def _with_ellipses(response: np.ndarray, keep: np.ndarray, ellipsis_ids) -> np.ndarray:
+    """The response's kept ids with each run of absent ones replaced by the ids of "..." once (shap's Text masker
+    with `collapse_mask_token`)."""
+    parts = []
+    previous_kept = True
+    for i, kept in enumerate(keep):
+        if kept:
+            parts.append(response[i : i + 1])
+        elif previous_kept:
+            parts.append(ellipsis_ids(i == 0))
+        previous_kept = kept
+    return np.concatenate(parts) if parts else response[:0]

@@ -1,7 +1,9 @@
 """Loading a sequence-classification reward model (RM) and laying out its inputs.
 
 This is the only module that knows how an RM is laid out: encoder RMs (BERT-like) read (prompt, response) as a
-text pair and score at [CLS]; causal RMs (Llama/GPT-2-like) read prompt then response and score at the last token.
+text pair and score at [CLS]; causal RMs (Llama/GPT-2-like) read the conversation rendered with their chat template
+(else prompt then response) and score at its last token. How a causal RM sees a coalition with absent tokens is
+the `causal_masking` value function (see `CAUSAL_MASKING_MODES` and docs/architecture.md, "Causal reward models").
 It loads with the real `from_pretrained(path)` from a local directory; the hub is never contacted.
 """
 
@@ -22,9 +24,30 @@ from workers.row_backends import compiled_row_model, eager_attention, from_pretr
 
 logger = logging.getLogger("tokencredit.model")
 
-__all__ = ["RewardModel", "RMInput", "ScoreSpec", "ModelLoadError", "pick_device", "pick_dtype"]
+__all__ = [
+    "CAUSAL_MASKING_MODES",
+    "DEFAULT_CAUSAL_MASKING",
+    "RewardModel",
+    "RMInput",
+    "ScoreSpec",
+    "ModelLoadError",
+    "pick_device",
+    "pick_dtype",
+]
 
 RMKind = Literal["encoder", "causal"]
+
+# How a causal RM sees a coalition (True = token kept); encoder RMs always replace absent tokens by [MASK].
+#   attention: absent tokens stay in the row but no other position attends to them; every token keeps its position
+#              id (rows keep one length, the prompt's KV cache is reused).
+#   delete:    absent tokens are removed; the shorter row has contiguous positions (what the RM sees if the text
+#              had never contained them).
+#   ellipsis:  shap's Text-masker convention: each run of absent tokens becomes the tokenizer's ids for "..." once.
+#   replace:   absent ids are overwritten with the mask id (unk, pad or eos for most causal tokenizers); the value
+#              function used before these modes existed, kept for comparison.
+CAUSAL_MASKING_MODES = ("attention", "delete", "ellipsis", "replace")
+# Chosen by bench/causal_masking.py on the causal demo RM (docs/architecture.md, "Causal reward models").
+DEFAULT_CAUSAL_MASKING = "attention"
 
 
 class ModelLoadError(RuntimeError):
@@ -52,7 +75,7 @@ class RMInput:
     token_type_ids: Optional[np.ndarray]  # int64 [L] or None
     response_positions: np.ndarray  # int64 [T], indices into input_ids
     response_spans: List[Tuple[int, int]]  # character spans into the response, one per response token
-    score_position: int  # where the score (and the attention row) is read
+    score_position: int  # where the sequence score R (and the attention row) is read: [CLS], or a causal RM's last id
     prompt_truncated: bool = False
 
     @property
@@ -62,6 +85,26 @@ class RMInput:
     @property
     def n_tokens(self) -> int:
         return int(len(self.response_positions))
+
+    @property
+    def response_start(self) -> int:
+        """Index of the first response token: the ids before it (template head, BOS, prompt) are never masked."""
+        return int(self.response_positions[0])
+
+    @property
+    def response_end(self) -> int:
+        """One past the last response token; ids from here on (template end text) are never masked."""
+        return int(self.response_positions[-1]) + 1
+
+
+@dataclass
+class PromptCache:
+    """A causal RM's KV cache of the never-masked ids before the response (batch 1), their count, and the score read
+    at the last of them (the value of a row that keeps no response token and has nothing after the response)."""
+
+    kv: object
+    length: int
+    last_score: float
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -145,6 +188,74 @@ def _resolve_score_spec(config, positive_label: Optional[str], negative_label: O
     )
 
 
+_RESPONSE_SENTINEL = "\ue000tokencredit-response\ue000"
+
+
+def chat_template_parts(tokenizer, prompt: str) -> Optional[Tuple[str, str]]:
+    """The tokenizer's chat template rendered around the response: (text before it, text after it), or None
+    when the tokenizer has no chat template.
+
+    The conversation is [user: prompt, assistant: response], rendered once with a placeholder for the response,
+    so the response's own tokens never depend on the template (only they are ever masked) and the text after
+    it (end-of-turn markers) is where the score is read.
+
+    Raises:
+        ValueError: the template drops or repeats the response (it cannot be laid out around it).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _RESPONSE_SENTINEL}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    before, found, after = text.partition(_RESPONSE_SENTINEL)
+    if not found or _RESPONSE_SENTINEL in after:
+        raise ValueError("the RM's chat template does not render the assistant message exactly once")
+    return before, after
+
+
+def _prefix_specials(tokenizer) -> List[int]:
+    """The special ids the tokenizer puts before a text ([BOS] for Llama, none for GPT-2), found by tokenizing a
+    probe with and without them (the ids it may put after, such as an EOS, are the layout's own business)."""
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []  # specials that merge with the text cannot be separated from it, so none are added
+
+
+def causal_layout(
+    tokenizer, prompt: str, response: str, *, use_chat_template: bool = True
+) -> Tuple[List[int], List[int], List[Tuple[int, int]]]:
+    """Token ids of (prompt, response) for a causal RM: (ids, response positions, response character spans).
+
+    With a chat template (and `use_chat_template`): ids(text before) + ids(response) + ids(text after), each part
+    tokenized on its own, so the response's ids and spans never depend on the prompt or the template; the score
+    is read at the last id, the template's end-of-turn text, which is never masked. Without one, the input TRL's
+    RewardTrainer trains a plain-text RM on: [the tokenizer's prefix specials such as BOS] + ids(prompt) +
+    ids(response) + [EOS], with the score read where the RM's own `ForSequenceClassification` head reads it, the
+    last non-pad token. So the EOS is appended (an always-kept reading position) only when it is not also the pad
+    token: where eos = pad (GPT-2, SmolLM2, Llama-3 trained with pad = eos), HF's head skips it and the RM was
+    trained to read the text's last token. Then a coalition is read at its last kept token (the RM's score of the
+    text that remains), never at an absent one; see `RewardModel.read_positions`.
+    """
+    parts = chat_template_parts(tokenizer, prompt) if use_chat_template else None
+    resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(int(a), int(b)) for a, b in resp["offset_mapping"]]
+    if parts is not None:
+        before, after = parts
+        head = list(tokenizer(before, add_special_tokens=False)["input_ids"])
+        tail = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+    else:
+        head = _prefix_specials(tokenizer)
+        head += list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        tail = [eos] if eos is not None and eos != pad else []
+    ids = head + list(resp["input_ids"]) + tail
+    positions = list(range(len(head), len(head) + len(spans)))
+    return ids, positions, spans
+
+
 @dataclass
 class RewardModel:
     """A loaded RM plus everything needed to run it on masked token ids."""
@@ -169,6 +280,11 @@ class RewardModel:
     kv_reuse: bool = True
     # torch.compile'd row model (dynamic shapes, frozen weights); None = eager rows. See `compile_rows`.
     compiled_rows: object = None
+    # Causal RMs: lay (prompt, response) out with the tokenizer's chat template when it has one.
+    chat_template: bool = True
+    # Causal RMs: how coalition rows leave tokens out (CAUSAL_MASKING_MODES); encoder RMs ignore it.
+    causal_masking: str = DEFAULT_CAUSAL_MASKING
+    _ellipsis: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(
@@ -187,6 +303,8 @@ class RewardModel:
         compile_rows: str = "off",
         load_weights: bool = True,
         prune_last_layer: bool = True,
+        chat_template: bool = True,
+        causal_masking: str = DEFAULT_CAUSAL_MASKING,
     ) -> "RewardModel":
         """Load an `AutoModelForSequenceClassification` directory.
 
@@ -211,6 +329,12 @@ class RewardModel:
             prune_last_layer: coalition rows of a supported encoder RM (BERT/RoBERTa classifiers) compute the last
                 layer at the scoring position only: same arithmetic, 14 % fewer FLOPs per row on the demo RM.
                 False runs the full model (a switch for the benchmark).
+            chat_template: causal RMs whose tokenizer has a chat template read [user: prompt, assistant: response]
+                rendered with it (`causal_layout`); False (or no template): BOS + prompt + response, + EOS
+                unless the EOS is the pad token.
+            causal_masking: how a causal RM's coalition rows leave tokens out: "attention", "delete", "ellipsis"
+                or "replace" (see `CAUSAL_MASKING_MODES`; default chosen by bench/causal_masking.py). Encoder RMs
+                always replace absent tokens by [MASK].
 
         Raises:
             ModelLoadError: the directory is missing, not a sequence classifier, or has no usable tokenizer.
@@ -235,6 +359,9 @@ class RewardModel:
             kind = "causal" if causal else "encoder"
         if kind not in ("encoder", "causal"):
             raise ModelLoadError(f"kind must be auto, encoder or causal, got {kind!r}")
+        if causal_masking not in CAUSAL_MASKING_MODES:
+            modes = ", ".join(CAUSAL_MASKING_MODES)
+            raise ModelLoadError(f"causal_masking must be one of {modes}, got {causal_masking!r}")
         tokenizer = AutoTokenizer.from_pretrained(root)
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{root} has no fast tokenizer (tokenizer.json); offsets are needed for alignment")
@@ -291,6 +418,8 @@ class RewardModel:
             row_model=row_model,
             kv_reuse=kv_reuse,
             compiled_rows=compiled_row_model(row_model) if load_weights and compile_wanted else None,
+            chat_template=chat_template,
+            causal_masking=causal_masking,
         )
 
     @property
@@ -301,6 +430,16 @@ class RewardModel:
 
     # ----------------------------------------------------------------------------------------------------------
     # Layout
+    def ellipsis_ids(self, opens_response: bool) -> np.ndarray:
+        """The ids that stand for one run of absent tokens under "ellipsis" masking. shap's Text masker writes
+        " ..." for the run and strips the text's ends, so a run that opens the response is "..." and any other
+        " ..."; tokenized once, on its own, like the response."""
+        text = "..." if opens_response else " ..."
+        if text not in self._ellipsis:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._ellipsis[text] = np.asarray(ids, dtype=np.int64)
+        return self._ellipsis[text]
+
     def count_response_tokens(self, response: str) -> int:
         return len(self.tokenizer(response, add_special_tokens=False)["input_ids"])
 
@@ -340,14 +479,8 @@ class RewardModel:
     def _layout(self, prompt: str, response: str):
         tok = self.tokenizer
         if self.kind == "causal":
-            # [prefix specials such as BOS] + prompt + response; the score is read at the last response token.
-            prefix = list(tok("", add_special_tokens=True)["input_ids"])
-            prompt_ids = list(tok(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-            resp = tok(response, add_special_tokens=False, return_offsets_mapping=True)
-            start = len(prefix) + len(prompt_ids)
-            ids = prefix + prompt_ids + list(resp["input_ids"])
-            positions = list(range(start, len(ids)))
-            return ids, None, positions, [(int(a), int(b)) for a, b in resp["offset_mapping"]]
+            ids, positions, spans = causal_layout(tok, prompt, response, use_chat_template=self.chat_template)
+            return ids, None, positions, spans
         # Encoder: the tokenizer's own pair template ([CLS] prompt [SEP] response [SEP] for BERT).
         # Token type ids only when the tokenizer itself returns them: the RM was trained on what it returns.
         enc = tok(prompt, response, return_offsets_mapping=True)
@@ -363,28 +496,64 @@ class RewardModel:
 
     @property
     def reads_last_position(self) -> bool:
-        """Causal RMs with a `score` head: we run the backbone and read the last position ourselves."""
+        """Causal RMs with a `score` head: we run the backbone and read the score where we choose."""
         return self.kind == "causal" and hasattr(self.model, "score")
 
-    def prompt_cache(self, prefix_ids: np.ndarray, low_precision: bool = False):
-        """KV cache of the unmasked prefix (BOS + prompt) of a causal RM, batch 1. Caller holds inference_mode."""
+    @property
+    def masking(self) -> str:
+        """The value function of coalition rows: `causal_masking` for causal RMs whose backbone we run, else
+        replacement of absent tokens by the mask id (encoder RMs: [MASK], which is what they were pre-trained on)."""
+        return self.causal_masking if self.reads_last_position else "replace"
+
+    @staticmethod
+    def read_positions(rm_input: RMInput, keep: np.ndarray) -> np.ndarray:
+        """Where the score of each fixed-length coalition row is read: int64 [N], indices into `input_ids`.
+
+        `keep` is bool [N, T] over the response tokens. With ids after the response (the chat template's end
+        text, or a plain-text layout's EOS), always the last id. Otherwise the last kept response token,
+        else the last id before the response: the RM's score of the text that remains, read where the RM's own
+        classification head reads it, and never at an absent token. -1 when no id precedes the response and no
+        token is kept (an empty text; its value is 0.0, as `prefix_scores` entry 0).
+        """
+        keep = np.asarray(keep, dtype=bool)
+        n = len(keep)
+        if rm_input.response_end < len(rm_input.input_ids):
+            return np.full(n, len(rm_input.input_ids) - 1, dtype=np.int64)
+        last_kept = rm_input.response_start + keep.shape[1] - 1 - np.argmax(keep[:, ::-1], axis=1)
+        return np.where(keep.any(axis=1), last_kept, rm_input.response_start - 1).astype(np.int64)
+
+    def prompt_cache(self, prefix_ids: np.ndarray, low_precision: bool = False) -> PromptCache:
+        """KV cache of the never-masked ids before the response of a causal RM, batch 1, and the score read at
+        the last of them. Caller holds inference_mode."""
         import torch
 
         ids = torch.from_numpy(np.ascontiguousarray(prefix_ids[None])).to(self.device)
         net = self._net(low_precision)
-        return net.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        out = net.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        kv = getattr(out, "cache", None)
+        kv = out.past_key_values if kv is None else kv
+        last_score = float(self._logits_to_score(net.score(out.last_hidden_state[:, -1]))[0])
+        return PromptCache(kv=kv, length=int(ids.shape[1]), last_score=last_score)
 
     def scores(
         self,
         input_ids: np.ndarray,
         token_type_ids: Optional[np.ndarray],
         low_precision: bool = False,
-        prompt_cache=None,
+        prompt_cache: Optional[PromptCache] = None,
+        visible: Optional[np.ndarray] = None,
+        read_at: Optional[np.ndarray] = None,
     ) -> np.ndarray:
-        """Scores of a [N, L] batch of equal-length rows (no padding), float64 [N]. Caller holds inference_mode.
+        """Scores of a [N, C] batch of rows, float64 [N]. Caller holds inference_mode.
 
-        With `prompt_cache` (causal RMs), `input_ids` holds only the response columns and the cached prefix
-        supplies the rest: every row shares the same unmasked prompt, so its keys and values are computed once.
+        Without `visible` and `read_at`, rows are unpadded and the score is read at the last column (encoders: at
+        [CLS] by their own head). Causal RMs only:
+            prompt_cache: `input_ids` holds only the columns after the cached prefix; every row shares that
+                never-masked prefix, so its keys and values are computed once. Position ids continue after it.
+            visible: bool [N, C]; a False column is seen by no other position ("attention" masking). Every column
+                keeps its position id.
+            read_at: int [N], the column where row i's score is read (>= 0). Columns after it may hold anything
+                (padding, absent tokens): in a causal model no earlier position attends to them.
         """
         import torch
 
@@ -399,30 +568,53 @@ class RewardModel:
             except Exception as exc:  # inductor needs a C++ toolchain; eager rows are always correct
                 logger.warning("compiled rows failed (%s: %s); rows run eager from now on", type(exc).__name__, exc)
                 self.compiled_rows = None
-        return self._scores_with(net, ids, token_type_ids, prompt_cache)
+        return self._scores_with(net, ids, token_type_ids, prompt_cache, visible, read_at)
 
-    def _scores_with(self, net, ids, token_type_ids, prompt_cache) -> np.ndarray:
+    def _scores_with(self, net, ids, token_type_ids, prompt_cache, visible=None, read_at=None) -> np.ndarray:
         import torch
 
-        n = ids.shape[0]
         if self.reads_last_position:
-            # Read the last position ourselves: HF picks the last non-pad token, which is wrong when the mask
-            # id equals the pad id and the last response token is masked.
-            if prompt_cache is not None:
-                cache = copy.deepcopy(prompt_cache)
-                cache.batch_repeat_interleave(n)
-                past = cache.get_seq_length()
-                mask = torch.ones((n, past + ids.shape[1]), dtype=torch.long, device=ids.device)
-                hidden = net.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache).last_hidden_state
-            else:
-                hidden = net.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-            logits = net.score(hidden[:, -1])
+            # Read the score ourselves: HF picks the last non-pad token, which is wrong when the mask id equals the
+            # pad id, and knows nothing of rows read before their end.
+            logits = net.score(self._causal_hidden(net, ids, prompt_cache, visible, read_at))
         else:
             kwargs = {"attention_mask": torch.ones_like(ids)}
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = torch.from_numpy(np.ascontiguousarray(token_type_ids)).to(self.device)
             logits = net(input_ids=ids, **kwargs).logits
         return self._logits_to_score(logits)
+
+    def _causal_hidden(self, net, ids, prompt_cache, visible, read_at):
+        """Last-layer hidden state at each row's reading column, [N, H]."""
+        import torch
+
+        device = ids.device
+        if read_at is not None:
+            read = torch.as_tensor(np.asarray(read_at, dtype=np.int64), device=device)
+            # Columns after the last reading column cannot change any score: do not compute them.
+            width = int(np.max(read_at)) + 1
+            ids = ids[:, :width]
+            visible = None if visible is None else visible[:, :width]
+        n, width = ids.shape
+        past = 0 if prompt_cache is None else prompt_cache.length
+        kwargs = {}
+        if prompt_cache is not None:
+            cache = copy.deepcopy(prompt_cache.kv)
+            cache.batch_repeat_interleave(n)
+            kwargs[_cache_keyword(net.base_model)] = cache
+        # Explicit position ids: the row's columns continue after the cached prefix (under "attention" absent columns
+        # keep theirs, so every kept token sits at its own position in the full input).
+        positions = torch.arange(past, past + width, device=device).unsqueeze(0).expand(n, width)
+        if visible is not None and not np.all(visible):
+            mask = _visibility_mask(visible, past, net.dtype, device)
+        else:
+            # No padding mask: whatever follows a row's reading column (right padding, absent tokens) is unseen by
+            # it in a causal model, and all-ones keeps SDPA on its plain causal path.
+            mask = torch.ones((n, past + width), dtype=torch.long, device=device)
+        hidden = net.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).last_hidden_state
+        if read_at is None:
+            return hidden[:, -1]
+        return hidden[torch.arange(n, device=device), read]
 
     def _logits_to_score(self, logits) -> np.ndarray:
         logits = logits.float()
@@ -434,23 +626,28 @@ class RewardModel:
     def prefix_scores(self, rm_input: RMInput) -> np.ndarray:
         """Scores after each response prefix of a causal RM, in one forward pass: float64 [T + 1].
 
-        Entry 0 is the score read at the last token before the response (0.0 when nothing precedes it), entry t
-        the score after response token t; entry T is the sequence score. Differences telescope exactly.
+        Entry 0 is the score read at the last id before the response (0.0 when nothing precedes it), entry t the
+        score read at response token t. Entry T is read at the last response token: it is the sequence score R
+        only when nothing follows the response; with a chat template R is read at the template's end text, and
+        R − entry T is that text's share. Differences telescope exactly to entry T − entry 0.
         """
         import torch
 
         if not self.reads_last_position:
             raise ValueError("prefix scoring needs a causal RM with a score head")
-        ids = torch.from_numpy(rm_input.input_ids[None]).to(self.device)
+        start, end = rm_input.response_start, rm_input.response_end
+        # Ids after the response cannot change the scores before them (causal): they are not computed.
+        ids = torch.from_numpy(np.ascontiguousarray(rm_input.input_ids[None, :end])).to(self.device)
         with torch.inference_mode():
             hidden = self.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
-            start = int(rm_input.response_positions[0])
-            rows = hidden[max(start - 1, 0) :]
+            rows = hidden[max(start - 1, 0) : end]
             scores = self._logits_to_score(self.model.score(rows))
         return np.concatenate([[0.0], scores]) if start == 0 else scores
 
     def attention_row(self, rm_input: RMInput) -> np.ndarray:
-        """Last-layer attention from the scoring position to each response token, heads averaged (ABC)."""
+        """Last-layer attention from the scoring position to each response token, heads averaged (ABC).
+
+        Causal RMs: the scoring position is the last id (the chat template's end text when there is one)."""
         import torch
 
         ids = torch.from_numpy(rm_input.input_ids[None]).to(self.device)
@@ -462,3 +659,39 @@ class RewardModel:
         last = out.attentions[-1][0].float().mean(dim=0)  # [L, L], heads averaged
         row = last[rm_input.score_position].double().cpu().numpy()
         return row[rm_input.response_positions]
+
+
+_CACHE_KEYWORDS: dict = {}
+
+
+def _cache_keyword(backbone) -> str:
+    """`cache` since transformers 5.x renamed it; `past_key_values` before (and deprecated, with a warning, after)."""
+    import inspect
+
+    kind = type(backbone)
+    if kind not in _CACHE_KEYWORDS:
+        params = inspect.signature(kind.forward).parameters
+        _CACHE_KEYWORDS[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORDS[kind]
+
+
+def _visibility_mask(visible: np.ndarray, past: int, dtype, device):
+    """Additive 4D attention mask [N, 1, C, past + C] for rows whose False columns no other position may see.
+
+    Query q sees key k when k ≤ q (causal) and k is visible (the `past` cached columns always are) or k = q: an
+    absent token sees itself, so no query row is fully masked (with -inf that row is NaN, which leaks through
+    0 × NaN; with dtype-min it averages every column, later ones included). Its own output is seen by nobody, so
+    this changes no score. Additive (0 / dtype min) so eager and SDPA attention read it alike; HF passes 4D masks
+    through unchanged.
+    """
+    import torch
+
+    n, width = visible.shape
+    keys = past + width
+    key_visible = torch.ones((n, keys), dtype=torch.bool, device=device)
+    key_visible[:, past:] = torch.as_tensor(np.asarray(visible, dtype=bool), device=device)
+    query_at = torch.arange(past, keys, device=device)[:, None]
+    key_at = torch.arange(keys, device=device)[None, :]
+    allowed = (key_at <= query_at)[None] & (key_visible[:, None, :] | (key_at == query_at)[None])
+    mask = torch.zeros((n, 1, width, keys), dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)

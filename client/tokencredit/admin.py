@@ -39,6 +39,8 @@ class ShapingVersion:
     weights: Dict[str, float]
     updated_at: str
     updated_by: Optional[str] = None
+    # The server's deployment, `[name/]rm@revision`: versions are numbered per deployment (None from older servers).
+    deployment: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -47,12 +49,13 @@ class ShapingVersion:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> "ShapingVersion":
-        known = {"version", "weights", "updated_at", "updated_by"}
+        known = {"version", "weights", "updated_at", "updated_by", "deployment"}
         return cls(
             version=int(body["version"]),
             weights={k: float(v) for k, v in body["weights"].items()},
             updated_at=str(body["updated_at"]),
             updated_by=body.get("updated_by"),
+            deployment=body.get("deployment"),
             extra={k: v for k, v in body.items() if k not in known},
         )
 
@@ -80,7 +83,8 @@ class AdminClient:
 
     Raises (from every call):
         `AuthError` (401/403), `PreconditionFailedError` (412), `PreconditionRequiredError` (428),
-        `InvalidRequestError` (422: weights off the simplex), other `RewardServiceError`s,
+        `InvalidRequestError` (422: weights off the simplex, or giving a component the server's RM cannot
+        compute), other `RewardServiceError`s,
         `ConnectError` / `RequestTimeout` when no answer came.
     """
 
@@ -120,6 +124,13 @@ class AdminClient:
     def history(self) -> List[ShapingVersion]:
         """Every version, oldest first."""
         return [ShapingVersion.from_json(v) for v in self._request("GET", "/admin/v1/shaping/history")["versions"]]
+
+    def put_bo_study(self, name: str, report: Mapping[str, Any]) -> Dict[str, Any]:
+        """Show a BO study on the server's web page (`/ui#bo`): `report` is the whole study as
+        `tokencredit.bo.report.study_report` builds it; it replaces what the server showed of study `name`."""
+        from urllib.parse import quote
+
+        return self._request("PUT", f"/admin/v1/bo/studies/{quote(name, safe='')}", json=dict(report))
 
     def update_shaping(self, weights: Weights, updated_by: Optional[str] = None) -> ShapingVersion:
         """Make `weights` the current weights as a new version, whatever other writers do meanwhile.

@@ -295,6 +295,9 @@ class ShapingInfo(BaseModel):
 
     version: Optional[int] = None
     weights: Dict[str, float]
+    # The deployment whose version this is, `[name/]rm@revision` (versions are numbered per deployment); None
+    # from servers that predate deployments.
+    deployment: Optional[str] = None
 
 
 class Usage(BaseModel):

