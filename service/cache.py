@@ -2,9 +2,9 @@
 
 The key covers the model revision (content hash of config + weights), the method config (explainers run,
 budgets, seeds), the shaping weights (their values: two weight versions with equal values give equal answers,
-so keying on values is the same as keying on the version, minus needless misses), the prompt, the response and the
-policy tokenization (offsets, or ids plus the tokenizer directory). Retries and duplicate rollouts then cost no
-RM rows. Values live in Redis with a TTL (`cache_ttl_s`); workers write them, the API reads them.
+so keying on values is the same as keying on the version, minus needless misses), the prompt, the response (and the
+whole conversation of a `messages` item) and the policy tokenization (offsets, or ids plus the tokenizer directory).
+Retries and duplicate rollouts then cost no RM rows. Values live in Redis with a TTL (`cache_ttl_s`); workers write them, the API reads them.
 """
 
 from __future__ import annotations
@@ -50,5 +50,9 @@ def item_cache_key(shared: dict, item: DenseRewardItem) -> Optional[str]:
         "offsets": item.response_token_offsets,
         "ids": item.response_token_ids,
     }
+    if item.messages is not None:
+        # The whole conversation (history, tool calls, content blocks): two histories with the same response differ.
+        # Only messages items carry the key, so prompt/response items keep the keys they had.
+        body["messages"] = [m.model_dump(mode="json", exclude_none=True) for m in item.messages]
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -103,6 +103,22 @@ def test_cache_hit_costs_no_rows(cluster):
     assert 'tokencredit_requests_total{endpoint="/v1/dense_rewards",method="POST",status="200"}' in after
 
 
+def test_messages_items_through_workers_and_the_cache(cluster, engine):
+    # Items travel to workers as JSON and are validated again there; the cache key covers the whole conversation,
+    # so the same response after another history is explained again, not served from the cache.
+    url = cluster["url"]
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "It was "}, {"type": "text", "text": "wonderful."}]}
+    histories = [[{"role": "user", "content": PROMPT}], [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "And the book?"}]]
+    for history in histories:
+        body = {"items": [{"messages": history + [answer], "id": "chat"}], "weights": CHEAP}
+        r = httpx.post(f"{url}/v1/dense_rewards", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["rm_rows"] > 0
+        _same(r.json()["results"][0], _reference(engine, body)[0])
+    again = httpx.post(f"{url}/v1/dense_rewards", json=body, timeout=60).json()
+    assert again["usage"]["rm_rows"] == 0
+
+
 def test_bad_input_never_reaches_a_worker(cluster):
     url = cluster["url"]
     before = metric(httpx.get(f"{url}/metrics").text, "tokencredit_batch_items_count")

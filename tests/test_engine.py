@@ -236,9 +236,10 @@ def test_budget_covering_every_coalition_gives_exact_shapley_values(engine):
     assert result.shap_estimator == "exact" and result.attributions["shap"].exact is True
     reference = _exact_shapley_by_formula(engine.evaluator, inp)
     assert np.allclose(result.attributions["shap"].values, reference, rtol=0, atol=1e-9 * max(1.0, np.abs(reference).max()))
-    # Efficiency to 1e-6 relative: Σφ = f(x) − f(∅) on the rows' own values.
+    # Efficiency: Σφ = f(x) − f(∅) (exact on the estimator's own rows, to 1e-12 in tests/test_explainers.py; here
+    # against a 2-row batch, whose fp32 rounding may differ by ~10 ulp).
     full, empty = engine.evaluator(inp, np.array([[True] * inp.n_tokens, [False] * inp.n_tokens]))
-    assert abs(sum(result.attributions["shap"].values) - (full - empty)) <= 1e-6 * max(abs(full - empty), abs(full), 1e-9)
+    assert abs(sum(result.attributions["shap"].values) - (full - empty)) <= 1e-5 * max(abs(full - empty), abs(full), 1e-9)
 
 
 def test_small_budget_samples_and_says_so(engine):

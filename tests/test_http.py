@@ -210,8 +210,10 @@ def test_a_budget_of_every_coalition_returns_exact_shapley_values(client, encode
                  for s in subsets if i not in s) for i in range(T)]
     scale = max(abs(v) for v in exact)
     assert max(abs(a - b) for a, b in zip(r["attributions"]["shap"]["values"], exact)) <= 1e-5 * scale
+    # Efficiency: Σφ = f(x) − f(∅). Exact on the service's own rows (tests/test_explainers.py checks it to 1e-12);
+    # here against rows evaluated in other batches, whose fp32 rounding differs by ~1e-6 of the score.
     spread = value[frozenset(range(T))] - value[frozenset()]
-    assert math.isclose(math.fsum(r["attributions"]["shap"]["values"]), spread, rel_tol=1e-6, abs_tol=1e-9)
+    assert math.isclose(math.fsum(r["attributions"]["shap"]["values"]), spread, rel_tol=5e-5, abs_tol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------- errors

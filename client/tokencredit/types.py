@@ -10,9 +10,20 @@ client can fail before any I/O; checks that need the reward model or a tokenizer
 from __future__ import annotations
 
 from enum import Enum
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "Component",
@@ -24,7 +35,12 @@ __all__ = [
     "LooConfig",
     "PrefixConfig",
     "MethodsConfig",
+    "TextBlock",
+    "ToolCallFunction",
+    "ToolCall",
+    "ChatMessage",
     "DenseRewardItem",
+    "response_of_messages",
     "DenseRewardsRequest",
     "ItemError",
     "ItemResult",
@@ -144,22 +160,149 @@ class MethodsConfig(_Strict):
     prefix: Optional[PrefixConfig] = None
 
 
+class TextBlock(_Strict):
+    """A content block of a chat message. Only text blocks are accepted: the RM reads text."""
+
+    type: Literal["text"]
+    text: str
+
+    # Before the Literal check, so that an image block is told why, not only which value was expected.
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value != "text":
+            raise ValueError(f'only {{"type": "text"}} content blocks are accepted (the RM reads text), not {value!r}')
+        return value
+
+
+_TEXT_BLOCKS = TypeAdapter(List[TextBlock])
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(..., min_length=1)
+    # A JSON string, as OpenAI sends it; passed to chat templates as an object when it parses as one.
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """An assistant's tool call, OpenAI shape."""
+
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Strict):
+    """One message of an OpenAI-style conversation."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    # A string, a list of text blocks (concatenated), or null for an assistant message that carries tool_calls.
+    content: Optional[Union[str, List[TextBlock]]] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    # The call a tool message answers.
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        # Validating the blocks here (not through the Union) reports an error at `content[k].type`, without the
+        # Union's branch names in the path.
+        if isinstance(value, list):
+            return _TEXT_BLOCKS.validate_python(value)
+        if value is not None and not isinstance(value, str):
+            raise ValueError("content must be a string, a list of text blocks, or null (assistant tool calls)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("value_error", "only assistant messages carry tool_calls")
+        if self.tool_calls is not None and not self.tool_calls:
+            raise PydanticCustomError("value_error", "tool_calls must not be empty when given")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise PydanticCustomError("value_error", "only tool messages carry a tool_call_id")
+        if self.content is None and not self.tool_calls:
+            raise PydanticCustomError("value_error", "content may be null only for an assistant message with tool_calls")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The message's text: the string, or its text blocks concatenated ("" for null content)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(block.text for block in self.content)
+
+
+def _missing() -> PydanticCustomError:
+    return PydanticCustomError("missing", "Field required (give prompt and response, or messages)")
+
+
 class DenseRewardItem(_Strict):
-    """One (prompt, response) pair to explain."""
+    """One (prompt, response) pair, or one conversation (`messages`), to explain.
+
+    Give either `prompt` and `response`, or `messages`. With `messages` the last message is the assistant's
+    response being scored, and `response` is derived from it (its text blocks concatenated): offsets, ids and the
+    returned `spans` refer to that text. A derived `response` is never serialized, so a dumped item validates again.
+    """
 
     # Caller's id, echoed back; defaults to the item's index.
     id: Optional[str] = Field(None, max_length=256)
-    prompt: str
-    # The exact response text the policy produced (for ids: their decoding, special tokens skipped).
-    response: str
+    # An OpenAI-style conversation; the last message is the assistant's response. Declared before prompt and
+    # response so that their validators see it (one form or the other, not both).
+    messages: Optional[List[ChatMessage]] = None
+    # Required unless `messages` is given (validated even when absent, to say so at the field).
+    prompt: Optional[str] = Field(None, validate_default=True)
+    # The exact response text the policy produced (for ids: their decoding, special tokens skipped). Required
+    # unless `messages` is given; then derived from the last message.
+    response: Optional[str] = Field(None, validate_default=True)
     # Character spans [start, end) into `response`, one per policy token, sorted and non-overlapping.
     response_token_offsets: Optional[List[Tuple[int, int]]] = None
     # The policy's token ids for `response`; needs `policy_tokenizer` on the request.
     response_token_ids: Optional[List[int]] = None
 
+    @field_validator("messages")
+    @classmethod
+    def _conversation_ends_with_the_response(cls, value: Optional[List[ChatMessage]]) -> Optional[List[ChatMessage]]:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("messages must not be empty: its last message is the assistant's response")
+        last, k = value[-1], len(value) - 1
+        if last.role != "assistant":
+            raise ValueError(f"the last message (messages[{k}]) is the response: its role must be assistant, not {last.role!r}")
+        if last.tool_calls:
+            raise ValueError(f"the last message (messages[{k}]) is the response being scored: it must not carry tool_calls")
+        if not last.text.strip():
+            raise ValueError(f"the last message (messages[{k}]) is the response: its text must contain a non-whitespace character")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_or_messages(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if "messages" not in info.data:
+            return value  # the messages are invalid: their own error says why
+        if info.data["messages"] is not None:
+            if value is not None:
+                raise ValueError("give prompt and response, or messages, not both")
+            return value
+        if value is None:
+            raise _missing()
+        return value
+
     @field_validator("response")
     @classmethod
-    def _response_not_empty(cls, value: str) -> str:
+    def _response_not_empty(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if "messages" not in info.data:
+            return value
+        if info.data["messages"] is not None:
+            if value is not None:
+                raise ValueError("give prompt and response, or messages, not both (with messages, the response is the last message)")
+            return value
+        if value is None:
+            raise _missing()
         if not value.strip():
             raise ValueError("response must contain at least one non-whitespace character")
         return value
@@ -173,7 +316,7 @@ class DenseRewardItem(_Strict):
             return offsets
         if not offsets:
             raise ValueError("response_token_offsets must not be empty when given")
-        n = len(info.data.get("response", ""))
+        n = len(_response_of(info.data))
         previous_end = 0
         for k, (start, end) in enumerate(offsets):
             if not (0 <= start <= end <= n):
@@ -201,6 +344,39 @@ class DenseRewardItem(_Strict):
         if any(i < 0 for i in value):
             raise ValueError("response_token_ids must be non-negative integers")
         return value
+
+    @model_validator(mode="after")
+    def _derive_response(self) -> "DenseRewardItem":
+        # One accessor for everyone (engine, SDK checks, adapters): `item.response` is the scored text either way.
+        if self.messages is not None:
+            self.response = self.messages[-1].text
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_derived_response(self, handler):
+        # The derived response is not an input: dumping it would make the item "give both" when validated again
+        # (the SDK's body, the Celery task's payload).
+        data = handler(self)
+        if self.messages is not None and isinstance(data, dict):
+            data.pop("response", None)
+        return data
+
+
+def _response_of(data: dict) -> str:
+    """The response text among already-validated fields: `response`, else the last message's text."""
+    if data.get("response") is not None:
+        return data["response"]
+    messages = data.get("messages")
+    return messages[-1].text if messages else ""
+
+
+def response_of_messages(messages: Any) -> Optional[str]:
+    """The response text of raw (unvalidated) messages, or None when they are not a valid conversation (the
+    item's own validation then says why). The SDK uses it to compute policy offsets before building the item."""
+    try:
+        return DenseRewardItem(messages=messages).response
+    except ValueError:
+        return None
 
 
 class DenseRewardsRequest(_Strict):
