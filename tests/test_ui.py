@@ -230,6 +230,93 @@ def test_sliders_remix_in_the_page_and_the_permalink_restores_it(servers, page, 
         other.context.close()
 
 
+# The response as the last message's text blocks: the page must concatenate them as the server does.
+MESSAGES = [
+    {"role": "system", "content": "You are a film critic."},
+    {"role": "user", "content": PROMPT},
+    {"role": "assistant", "content": [{"type": "text", "text": "The movie was wonderful, "},
+                                      {"type": "text", "text": "but the ending was bad."}]},
+]
+
+
+def test_chat_messages_are_explained_like_a_response(servers, page, browser):
+    url = servers["admin"]
+    _open(page, url)
+    sent_requests = []
+    page.on("request", lambda r: sent_requests.append(r.url) if "/v1/dense_rewards" in r.url else None)
+    assert page.is_visible("#prompt") and not page.is_visible("#messages")
+    page.check("input[name=input-mode][value=chat]")
+    assert page.is_visible("#messages") and not page.is_visible("#prompt") and not page.is_visible("#response")
+    status = page.locator("#explain-status")
+
+    # What is not a JSON list of messages is said in the page, and nothing is sent.
+    for text, said in (('[{"role": "user", "content": "hi"},]', "not valid JSON"),
+                       ('{"role": "assistant", "content": "hi"}', "non-empty JSON list"),
+                       ('[{"role": "user", "content": "hi"}, "hello"]', "messages[1]: expected a JSON object")):
+        page.fill("#messages", text)
+        page.click("#explain-run")
+        expect(status).to_contain_text(said)
+        assert "error" in status.get_attribute("class") and "nothing was sent" in status.text_content()
+    page.wait_for_timeout(300)
+    assert sent_requests == [] and page.locator(".hm-row").count() == 0
+
+    # A conversation the server refuses (it does not end with the assistant): its 422, in words, in the page.
+    page.expected_errors = [r"status of 422"]  # the browser logs the refused request itself
+    page.fill("#messages", json.dumps(MESSAGES[:2]))
+    with page.expect_response(lambda r: r.url.endswith("/v1/dense_rewards")) as refused:
+        page.click("#explain-run")
+    assert refused.value.status == 422
+    expect(status).to_contain_text("422 invalid_request: items[0].messages")
+    assert "must be assistant" in status.text_content() and page.locator(".hm-row").count() == 0
+    _shot(page, "explain-chat-refused")
+
+    # Three messages: the request carries them as given; the heatmap is the last message's text, the API's numbers.
+    text = json.dumps(MESSAGES, indent=2)
+    page.fill("#messages", text)
+    with page.expect_response(lambda r: r.url.endswith("/v1/dense_rewards")) as answer:
+        page.click("#explain-run")
+    page.wait_for_selector(".hm-row[data-row=mix] .tok")
+    sent = json.loads(answer.value.request.post_data)
+    expected_body = _api_request({"sparse": 0.2, "attention": 0.0, "shap": 0.8, "lime": 0.0, "loo": 0.0})
+    assert sent == {**expected_body, "items": [{"messages": MESSAGES}]}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        own = client.post("/v1/dense_rewards", json=sent).json()["results"][0]
+    item = answer.value.json()["results"][0]
+    assert item["token_rewards"] == own["token_rewards"] and item["components"] == own["components"]
+    assert item["spans"] == own["spans"] and item["spans"][-1][1] <= len(RESPONSE)
+    expected = {"mix": item["token_rewards"], "sparse": item["components"]["sparse"],
+                **{c: item["components"][c] for c in EXPLAINERS}}
+    assert page.eval_on_selector_all(".hm-row", "els => els.map(e => e.dataset.row)") == list(expected)
+    for name, rewards in expected.items():
+        shown = _row(page, name)
+        assert [t["text"] for t in shown] == [RESPONSE[s:e] for s, e in item["spans"]], name
+        assert [t["reward"] for t in shown] == rewards, name
+        assert page.text_content(f".hm-row[data-row={name}] .hm-text") == RESPONSE, name
+    assert "response: messages[2]" in status.text_content() and "error" not in status.get_attribute("class")
+    _shot(page, "explain-chat")
+
+    # The permalink carries the messages as typed, and opens in chat mode and runs them.
+    link = page.get_attribute("#permalink", "href")
+    assert link.startswith("#explain?") and "m=" in link and "r=" not in link
+    other = browser.new_context().new_page()
+    try:
+        with other.expect_response(lambda r: r.url.endswith("/v1/dense_rewards")):
+            other.goto(f"{url}/ui{link}")
+        other.wait_for_selector(".hm-row[data-row=mix] .tok")
+        assert other.is_checked("input[name=input-mode][value=chat]") and other.is_visible("#messages")
+        assert other.input_value("#messages") == text and not other.is_visible("#prompt")
+        assert [t["reward"] for t in _row(other, "mix")] == item["token_rewards"]
+        assert other.text_content(".hm-row[data-row=mix] .hm-text") == RESPONSE
+    finally:
+        other.context.close()
+
+    # Back to prompt / response: those inputs again, and the permalink carries them instead.
+    page.check("input[name=input-mode][value=text]")
+    assert page.is_visible("#prompt") and not page.is_visible("#messages")
+    link = page.get_attribute("#permalink", "href")
+    assert "r=" in link and "m=" not in link
+
+
 # ---------------------------------------------------------------------------------------------------- Shaping
 def _token_left_anywhere(page) -> list:
     """Where the token could have been kept by the page: the URL, storage, cookies, the DOM."""

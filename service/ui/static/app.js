@@ -214,6 +214,30 @@ function route() {
 }
 
 // ------------------------------------------------------------------------------------------------ Explain
+// The messages textarea → {messages} to send, or {error} (and nothing is sent). Only what the page needs is checked
+// here (JSON, a list of objects); the server validates the conversation itself and its 422 says what is wrong.
+function parseMessages(text) {
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (exc) {
+    return { error: `messages: not valid JSON (${exc.message}); nothing was sent` };
+  }
+  if (!Array.isArray(value) || !value.length) {
+    return { error: 'messages: expected a non-empty JSON list of {"role", "content"} messages; nothing was sent' };
+  }
+  const bad = value.findIndex((m) => !m || typeof m !== 'object' || Array.isArray(m));
+  if (bad >= 0) return { error: `messages[${bad}]: expected a JSON object with "role" and "content"; nothing was sent` };
+  return { messages: value };
+}
+
+// A message's text as the server derives the response from it: the string, or the text blocks concatenated.
+function messageText(message) {
+  const c = message.content;
+  if (typeof c === 'string') return c;
+  return Array.isArray(c) ? c.map((b) => (b && typeof b.text === 'string' ? b.text : '')).join('') : '';
+}
+
 const explain = {
   mixSliders: null,
   result: null,        // {item, response, placement, components: [...]} of the last answer
@@ -231,12 +255,27 @@ const explain = {
     this.mixSliders.set(this.components(), info.shaping.weights);
     $('#explain-run').addEventListener('click', () => this.run());
     $('#own-scale').addEventListener('change', () => this.render());
-    for (const id of ['prompt', 'response', 'placement']) $('#' + id).addEventListener('input', () => this.updatePermalink());
+    for (const id of ['prompt', 'response', 'messages', 'placement']) $('#' + id).addEventListener('input', () => this.updatePermalink());
+    for (const radio of document.querySelectorAll('input[name=input-mode]')) {
+      radio.addEventListener('change', () => { this.setMode(radio.value); this.updatePermalink(); });
+    }
     this.updatePermalink();
     const heat = $('#heatmap');
     heat.addEventListener('mouseover', (ev) => this.hover(ev));
     heat.addEventListener('mousemove', (ev) => placeTip(ev));
     heat.addEventListener('mouseout', (ev) => { if (ev.target.classList.contains('tok')) $('#tip').hidden = true; });
+  },
+
+  // 'text': prompt and response; 'chat': a conversation whose last (assistant) message is the response.
+  mode() {
+    return $('input[name=input-mode]:checked').value;
+  },
+
+  setMode(mode) {
+    const chat = mode === 'chat';
+    $(`input[name=input-mode][value=${chat ? 'chat' : 'text'}]`).checked = true;
+    $('#text-inputs').hidden = chat;
+    $('#chat-inputs').hidden = !chat;
   },
 
   checkedExplainers() {
@@ -266,8 +305,12 @@ const explain = {
 
   query() {
     const q = new URLSearchParams();
-    q.set('p', $('#prompt').value);
-    q.set('r', $('#response').value);
+    if (this.mode() === 'chat') {
+      q.set('m', $('#messages').value);  // as typed, so the link gives back the same text
+    } else {
+      q.set('p', $('#prompt').value);
+      q.set('r', $('#response').value);
+    }
     q.set('c', this.checkedExplainers().join(','));
     const w = this.mixSliders.get();
     q.set('w', Object.entries(w).map(([c, v]) => `${c}:${+v.toFixed(4)}`).join(','));
@@ -280,12 +323,18 @@ const explain = {
   },
 
   fromPermalink(params) {
-    if (!params.has('r')) return;
+    if (!params.has('r') && !params.has('m')) return;
     const q = params.toString();
     if (q === this.lastQuery) return;
     this.lastQuery = q;
-    $('#prompt').value = params.get('p') || '';
-    $('#response').value = params.get('r') || '';
+    if (params.has('m')) {
+      this.setMode('chat');
+      $('#messages').value = params.get('m');
+    } else {
+      this.setMode('text');
+      $('#prompt').value = params.get('p') || '';
+      $('#response').value = params.get('r') || '';
+    }
     if (params.has('u')) $('#placement').value = params.get('u') === 'uniform' ? 'uniform' : 'last';
     if (params.has('c')) {
       const wanted = params.get('c').split(',');
@@ -301,12 +350,23 @@ const explain = {
   },
 
   async run() {
-    const response = $('#response').value;
+    const chat = this.mode() === 'chat';
     const placement = $('#placement').value;
     const explainers = this.checkedExplainers();
     const weights = this.mixSliders.get();
+    this.lastQuery = this.query();
+    history.replaceState(null, '', '#explain?' + this.lastQuery);
+    this.updatePermalink();
+    let input;
+    if (chat) {
+      const parsed = parseMessages($('#messages').value);
+      if (parsed.error) { setStatus('#explain-status', parsed.error, true); return; }
+      input = { messages: parsed.messages };
+    } else {
+      input = { prompt: $('#prompt').value, response: $('#response').value };
+    }
     const body = {
-      items: [{ prompt: $('#prompt').value, response }],
+      items: [input],
       weights,
       // Named here, every explainer is computed even at weight 0, so the sliders can remix without new RM rows.
       methods: Object.fromEntries(explainers.map((c) => [c, {}])),
@@ -314,9 +374,6 @@ const explain = {
       return_attributions: true,
       residual_placement: placement,
     };
-    this.lastQuery = this.query();
-    history.replaceState(null, '', '#explain?' + this.lastQuery);
-    this.updatePermalink();
     const button = $('#explain-run');
     button.disabled = true;
     setStatus('#explain-status', 'explaining…');
@@ -326,12 +383,17 @@ const explain = {
     if (!r.ok) { setStatus('#explain-status', errorText(r), true); return; }
     const item = r.data.results[0];
     if (item.error) { setStatus('#explain-status', `${item.error.code}: ${item.error.message}`, true); return; }
+    // With messages the response is the last message's text (the server accepted them, so it is an assistant's):
+    // the spans index it.
+    const last = chat ? input.messages.length - 1 : -1;
+    const response = chat ? messageText(input.messages[last]) : input.response;
     this.result = { item, response, placement, requested: weights, components: Object.keys(item.components) };
     const u = r.data.usage;
     setStatus('#explain-status',
       `score ${fmt(item.score)} · ${item.token_rewards.length} tokens · ${u.rm_rows} RM rows · ${u.latency_ms.toFixed(0)} ms server, ` +
       `${(performance.now() - started).toFixed(0)} ms here` + (item.shap_estimator ? ` · shap ${item.shap_estimator}` : '') +
-      (item.prompt_truncated ? ' · prompt cut to fit' : ''));
+      (item.prompt_truncated ? (chat ? ' · earlier messages cut to fit' : ' · prompt cut to fit') : '') +
+      (chat ? ` · response: messages[${last}]` : ''));
     $('#explain-status').setAttribute('data-score', String(item.score));
     this.render();
   },
