@@ -130,8 +130,8 @@ def test_sparse_plus_attention_reproduces_abc(beta):
     abc = np.zeros(4)
     abc[-1] = (1 - beta) * score
     abc += beta * score * attention / attention.sum()
-    dists = {"sparse": shaping.sparse_distribution(4), "attention": shaping.normalize_nonnegative(attention)}
-    r = shaping.mix(score, dists, {"sparse": 1 - beta, "attention": beta})
+    rewards = {"sparse": score * shaping.sparse_distribution(4), "attention": score * shaping.normalize_nonnegative(attention)}
+    r = shaping.mix_rewards(score, rewards, {"sparse": 1 - beta, "attention": beta})
     assert np.allclose(r, abc, atol=1e-12)
 
 

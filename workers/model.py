@@ -192,24 +192,23 @@ _RESPONSE_SENTINEL = "\ue000tokencredit-response\ue000"
 
 
 def chat_template_parts(tokenizer, prompt: str) -> Optional[Tuple[str, str]]:
-    """The tokenizer's chat template rendered around the response: (text before it, text after it), or None
-    when the tokenizer has no chat template.
-
-    The conversation is [user: prompt, assistant: response], rendered once with a placeholder for the response,
-    so the response's own tokens never depend on the template (only they are ever masked) and the text after
-    it (end-of-turn markers) is where the score is read.
+    """The tokenizer's chat template rendered around the response of [user: prompt, assistant: response]: (text
+    before it, text after it), or None when the tokenizer has no chat template (see `chat_messages_parts`).
 
     Raises:
-        ValueError: the template drops or repeats the response (it cannot be laid out around it).
+        ValueError: the template refuses the conversation, or drops or repeats the response.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _RESPONSE_SENTINEL}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    before, found, after = text.partition(_RESPONSE_SENTINEL)
-    if not found or _RESPONSE_SENTINEL in after:
-        raise ValueError("the RM's chat template does not render the assistant message exactly once")
-    return before, after
+    return chat_messages_parts(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def _laid_around(tokenizer, before: str, response: str, after: str):
+    """ids(before) + ids(response) + ids(after), each part tokenized on its own, so the response's ids and spans never
+    depend on what surrounds it: (ids, response positions, response character spans)."""
+    resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(int(a), int(b)) for a, b in resp["offset_mapping"]]
+    head = list(tokenizer(before, add_special_tokens=False)["input_ids"]) if before else []
+    tail = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+    return head + list(resp["input_ids"]) + tail, list(range(len(head), len(head) + len(spans))), spans
 
 
 def _prefix_specials(tokenizer) -> List[int]:
@@ -240,17 +239,15 @@ def causal_layout(
     text that remains), never at an absent one; see `RewardModel.read_positions`.
     """
     parts = chat_template_parts(tokenizer, prompt) if use_chat_template else None
-    resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(int(a), int(b)) for a, b in resp["offset_mapping"]]
     if parts is not None:
         before, after = parts
-        head = list(tokenizer(before, add_special_tokens=False)["input_ids"])
-        tail = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
-    else:
-        head = _prefix_specials(tokenizer)
-        head += list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        tail = [eos] if eos is not None and eos != pad else []
+        return _laid_around(tokenizer, before, response, after)
+    resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(int(a), int(b)) for a, b in resp["offset_mapping"]]
+    head = _prefix_specials(tokenizer)
+    head += list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tail = [eos] if eos is not None and eos != pad else []
     ids = head + list(resp["input_ids"]) + tail
     positions = list(range(len(head), len(head) + len(spans)))
     return ids, positions, spans
@@ -309,7 +306,8 @@ def _template_messages(history: List[dict]) -> List[dict]:
 def chat_messages_parts(tokenizer, history: List[dict]) -> Optional[Tuple[str, str]]:
     """The chat template rendered around the response of a conversation: (text before it, text after it), or
     None when the tokenizer has no chat template. `history` + [assistant: placeholder] is rendered once, as in
-    `chat_template_parts`, so the response's own tokens never depend on the conversation.
+    a placeholder, so the response's own tokens never depend on the conversation (only they are ever masked) and
+    the text after it (end-of-turn markers) is where the score is read.
 
     Raises:
         ValueError: the template refuses the conversation (its own error, e.g. roles that do not alternate), or
@@ -324,7 +322,7 @@ def chat_messages_parts(tokenizer, history: List[dict]) -> Optional[Tuple[str, s
         raise ValueError(f"the RM's chat template cannot render these messages: {type(exc).__name__}: {exc}") from None
     before, found, after = text.partition(_RESPONSE_SENTINEL)
     if not found or _RESPONSE_SENTINEL in after:
-        raise ValueError("the RM's chat template does not render the last assistant message exactly once")
+        raise ValueError("the RM's chat template does not render the assistant's response exactly once")
     return before, after
 
 
@@ -352,12 +350,7 @@ def causal_messages_layout(
     if parts is None:
         return causal_layout(tokenizer, plain_conversation(history), response, use_chat_template=False)
     before, after = parts
-    resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(int(a), int(b)) for a, b in resp["offset_mapping"]]
-    head = list(tokenizer(before, add_special_tokens=False)["input_ids"])
-    tail = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
-    ids = head + list(resp["input_ids"]) + tail
-    return ids, list(range(len(head), len(head) + len(spans))), spans
+    return _laid_around(tokenizer, before, response, after)
 
 
 def _drop_oldest(history: List[dict], k: int) -> List[dict]:
@@ -582,13 +575,16 @@ class RewardModel:
                 offsets = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
                 prompt = prompt[offsets[1][0]:] if len(offsets) > 1 else ""
                 ids, type_ids, positions, spans = self._layout(prompt, response)
-        score_position = 0 if self.kind == "encoder" else len(ids) - 1
+        return self._rm_input((ids, type_ids, positions, spans), truncated)
+
+    def _rm_input(self, laid, truncated: bool) -> RMInput:
+        ids, type_ids, positions, spans = laid
         return RMInput(
             input_ids=np.asarray(ids, dtype=np.int64),
             token_type_ids=None if type_ids is None else np.asarray(type_ids, dtype=np.int64),
             response_positions=np.asarray(positions, dtype=np.int64),
             response_spans=spans,
-            score_position=score_position,
+            score_position=0 if self.kind == "encoder" else len(ids) - 1,
             prompt_truncated=truncated,
         )
 
@@ -616,15 +612,7 @@ class RewardModel:
                     )
                 history = self._cut_first(history, len(laid[0]) - self.max_length)
                 laid = self._messages_layout(history, response)
-        ids, type_ids, positions, spans = laid
-        return RMInput(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            token_type_ids=None if type_ids is None else np.asarray(type_ids, dtype=np.int64),
-            response_positions=np.asarray(positions, dtype=np.int64),
-            response_spans=spans,
-            score_position=0 if self.kind == "encoder" else len(ids) - 1,
-            prompt_truncated=truncated,
-        )
+        return self._rm_input(laid, truncated)
 
     def _messages_layout(self, history: List[dict], response: str):
         if self.kind == "causal":

@@ -44,7 +44,6 @@ __all__ = [
     "normalize_nonnegative",
     "sparse_distribution",
     "residual_distribution",
-    "mix",
     "mix_rewards",
     "conserve",
 ]
@@ -152,10 +151,3 @@ def mix_rewards(score: float, rewards: Mapping[str, np.ndarray], weights: Mappin
             raise ValueError(f"component {name} has {len(r)} tokens, expected {n}")
         mixed += (w / total_weight) * r
     return conserve(mixed, score)
-
-
-def mix(score: float, distributions: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """r = R · Σ_k w_k e_k for components given as distributions (each sums to 1): sparse, attention, and the
-    sign-aware-l1 scheme."""
-    active = [k for k, v in weights.items() if v > 0]
-    return mix_rewards(score, {k: score * np.asarray(distributions[k], dtype=np.float64) for k in active}, weights)

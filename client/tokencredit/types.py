@@ -240,6 +240,19 @@ def _missing() -> PydanticCustomError:
     return PydanticCustomError("missing", "Field required (give prompt and response, or messages)")
 
 
+def _one_form(value: Optional[str], info: ValidationInfo, with_messages: str) -> Optional[str]:
+    """An item's prompt/response: required without messages, refused with them (each error at its own field)."""
+    if "messages" not in info.data:
+        return value  # the messages are invalid: their own error says why
+    if info.data["messages"] is not None:
+        if value is not None:
+            raise ValueError(f"give prompt and response, or messages, not both{with_messages}")
+        return value
+    if value is None:
+        raise _missing()
+    return value
+
+
 class DenseRewardItem(_Strict):
     """One (prompt, response) pair, or one conversation (`messages`), to explain.
 
@@ -282,28 +295,13 @@ class DenseRewardItem(_Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt_or_messages(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
-        if "messages" not in info.data:
-            return value  # the messages are invalid: their own error says why
-        if info.data["messages"] is not None:
-            if value is not None:
-                raise ValueError("give prompt and response, or messages, not both")
-            return value
-        if value is None:
-            raise _missing()
-        return value
+        return _one_form(value, info, "")
 
     @field_validator("response")
     @classmethod
     def _response_not_empty(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
-        if "messages" not in info.data:
-            return value
-        if info.data["messages"] is not None:
-            if value is not None:
-                raise ValueError("give prompt and response, or messages, not both (with messages, the response is the last message)")
-            return value
-        if value is None:
-            raise _missing()
-        if not value.strip():
+        value = _one_form(value, info, " (with messages, the response is the last message)")
+        if value is not None and info.data.get("messages") is None and not value.strip():
             raise ValueError("response must contain at least one non-whitespace character")
         return value
 
