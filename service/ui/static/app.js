@@ -836,14 +836,16 @@ const live = {
     if (!r.ok) { $('#live-stats').replaceChildren(el('div', { class: 'error', text: errorText(r) })); return; }
     const m = parseMetrics(typeof r.data === 'string' ? r.data : String(r.data));
     const sum = (name, keep = () => true) => m.filter((x) => x.name === name && keep(x.labels)).reduce((s, x) => s + x.value, 0);
-    // The page's own reads (/metrics, /ui) are not load.
-    const isApi = (l) => l.endpoint !== '/metrics' && !(l.endpoint || '').startsWith('/ui');
+    // The page's own reads (/metrics, /ui) are not load, and probes are not errors: /readyz answers 503 by design
+    // while the RM loads.
+    const probes = new Set(['/metrics', '/healthz', '/readyz']);
+    const isApi = (l) => !probes.has(l.endpoint) && !(l.endpoint || '').startsWith('/ui');
     const now = performance.now() / 1000;
     const totals = {
       rows: sum('tokencredit_rm_rows_total'),
       requests: sum('tokencredit_requests_total', isApi),
-      errors_5xx: sum('tokencredit_requests_total', (l) => Number(l.status) >= 500),
-      errors_4xx: sum('tokencredit_requests_total', (l) => Number(l.status) >= 400 && Number(l.status) < 500),
+      errors_5xx: sum('tokencredit_requests_total', (l) => isApi(l) && Number(l.status) >= 500),
+      errors_4xx: sum('tokencredit_requests_total', (l) => isApi(l) && Number(l.status) >= 400 && Number(l.status) < 500),
       worker_failures: sum('tokencredit_worker_failures_total'),
       queue_depth: sum('tokencredit_queue_depth'),
       cache_hits: sum('tokencredit_cache_hits_total'),
