@@ -6,7 +6,12 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install openapi demo-model bench bench-serving bench-fidelity browser
+.PHONY: serve test install sdk-venv trainer-venvs openapi demo-model bench bench-serving bench-fidelity browser
+
+# The SDK alone: ./client and pytest, no torch (tests/test_sdk_alone.py runs the SDK's tests in it). Cached: rebuilt
+# only when client/pyproject.toml changes.
+SDK_VENV  := .venv-sdk
+SDK_STAMP := $(SDK_VENV)/.installed
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +28,47 @@ $(STAMP): $(PY) pyproject.toml client/pyproject.toml
 
 install: $(STAMP)
 
+$(SDK_STAMP): client/pyproject.toml
+	rm -rf $(SDK_VENV)
+	$(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install -q -e ./client "pytest>=8" "pytest-timeout>=2.3"
+	touch $(SDK_STAMP)
+
+sdk-venv: $(SDK_STAMP)
+
+# Trainer venvs (issue 13): tests/test_adapters_verl.py and tests/test_adapters_openrlhf.py run each trainer's own
+# reward-consuming code in its venv. The trainer's real wheel with --no-deps (its full set needs CUDA builds), plus
+# only what the imported modules need (tests/trainer_envs/*.txt); torch first and pinned (the CPU wheel). Cached:
+# rebuilt only when a stamp's inputs change. `make trainer-venvs` builds both.
+VERL_VENV      := .venv-verl
+OPENRLHF_VENV  := .venv-openrlhf
+TRAINER_STAMPS := $(VERL_VENV)/.installed $(OPENRLHF_VENV)/.installed
+
+$(VERL_VENV)/.installed: tests/trainer_envs/verl.txt client/pyproject.toml
+	rm -rf $(VERL_VENV)
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VERL_VENV)/bin/python -m pip install -q --no-deps verl==0.9.1
+	$(VERL_VENV)/bin/python -m pip install -q -e ./client -r tests/trainer_envs/verl.txt
+	touch $@
+
+# deepspeed is an sdist: built against the venv's pinned torch (no build isolation, which would fetch another torch).
+$(OPENRLHF_VENV)/.installed: tests/trainer_envs/openrlhf.txt client/pyproject.toml
+	rm -rf $(OPENRLHF_VENV)
+	$(PYTHON) -m venv $(OPENRLHF_VENV)
+	$(OPENRLHF_VENV)/bin/python -m pip install -q torch==2.13.0 setuptools wheel
+	$(OPENRLHF_VENV)/bin/python -m pip install -q --no-deps openrlhf==0.11.2
+	$(OPENRLHF_VENV)/bin/python -m pip install -q -e ./client -r tests/trainer_envs/openrlhf.txt
+	DS_BUILD_OPS=0 $(OPENRLHF_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation deepspeed==0.19.6
+	touch $@
+
+trainer-venvs: $(TRAINER_STAMPS)
+
 serve: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model --if-missing
 	$(VENV)/bin/tokencredit-server serve
 
-test: $(STAMP)
+test: $(STAMP) $(SDK_STAMP) $(TRAINER_STAMPS)
 	$(PY) -m pytest -q
 
 # Headless Chromium for the page's tests (tests/test_ui.py, skipped without it), from the OS packages (Debian or
@@ -42,10 +83,13 @@ openapi: $(STAMP)
 demo-model: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model
 
-# Attribution benchmark (issue: fast attribution engine). QUICK=1 finishes in under 2 minutes.
+# Attribution benchmark (issue: fast attribution engine), then the amortized credit head's learning curves (issue 15,
+# bench/amortized.py; its labels and references are cached, so a second run only re-trains and re-times).
+# QUICK=1: the attribution part finishes in under 2 minutes; the amortized part labels 100 responses once (~2 min).
 bench: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model --if-missing
 	$(PY) bench/attribution.py $(if $(QUICK),--quick,)
+	$(PY) bench/amortized.py $(if $(QUICK),--quick,)
 
 # Fidelity of the default shap values on held-out responses: vs exact Shapley values (≤ 12 tokens) and a large
 # reference (64 tokens), for the encoder demo RM, then the causal one (KIND=causal; build it first with

@@ -1,15 +1,30 @@
-"""Serving throughput: micro-batching on the Celery path, and the Celery path against the embedded one.
+"""Serving throughput: a training cluster's load on the embedded engine, micro-batching on the Celery path, and
+the Celery path against the embedded one.
 
 Starts real processes: Redis (the one at --redis, or its own redis-server when none answers), `--workers` solo
-Celery workers, `serve --broker` and an embedded `serve`. The result cache is off, so every item costs RM rows.
+Celery workers, `serve --broker`, an embedded `serve`, and the baseline: an embedded `serve` that explains one
+item at a time (`TOKENCREDIT_BATCH_MAX_ROWS=1`: every engine batch is one item, as before cross-request
+batching), or, with `--before DIR`, the server of another checkout (e.g. `git worktree add /tmp/before HEAD~1`).
+The result cache is off, so every item costs RM rows.
 
-    microbatch_ratio    = throughput of 64 concurrent one-item requests / one 64-item request   (Celery path)
-    celery_over_embedded = throughput of 32-item requests, Celery path / embedded path
+    embedded_scalar_speedup = throughput of --scalar-requests (1,024) concurrent single-sample
+                              POST /openrlhf/get_reward, embedded server / baseline (answers 200 per second)
+    embedded_scalar_errors  = answers other than 200 from the embedded server in that burst
+    embedded_dense_speedup  = the same for --dense-requests (256) single-item /v1/dense_rewards, weights
+                              attention + sparse
+    scalar_p50_ms, ...      = latency percentiles of the embedded server's answers in each burst
+    microbatch_ratio        = throughput of 64 concurrent one-item requests / one 64-item request   (Celery path)
+    celery_over_embedded    = throughput of 32-item requests, Celery path / embedded path
 
-With the default --workers 1 both paths have one engine process, so the second ratio is the price of the Celery
-hop (publish, Redis round trips, JSON) and nothing else. Last line: `summary: microbatch_ratio=<x> celery_over_embedded=<y>`.
+With the default --workers 1 both paths have one engine process, so the last ratio is the price of the Celery hop
+(publish, Redis round trips, JSON) and nothing else. On a shared machine every number moves with the other
+processes' load: the two servers of a comparison run one after the other under the same conditions, best of
+--repeats. Last line: `summary: microbatch_ratio=<x> celery_over_embedded=<y> embedded_scalar_speedup=<x>
+embedded_scalar_errors=<n> embedded_dense_speedup=<y> scalar_p50_ms=... scalar_p99_ms=... dense_p50_ms=...
+dense_p99_ms=... baseline_scalar_errors=<n>`.
 
 Usage: python bench/serving.py [--model DIR] [--workers 1] [--items 64] [--batch 32] [--repeats 3]
+                               [--scalar-requests 1024] [--dense-requests 256] [--before DIR] [--no-celery]
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.http_burst import burst, percentile  # noqa: E402
 PROMPT = "How was your day?"
 RESPONSES = [
     "It was amazing, I had a great time with friends at the beach.",
@@ -63,19 +80,46 @@ class Cluster:
     def __init__(self, args):
         self.args = args
         self.procs = []
+        self.broker = None
         self.logs = Path(tempfile.mkdtemp(prefix="tc-bench-"))
         u = uuid.uuid4().hex[:8]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
-        self.env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
+        self.env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                         TOKENCREDIT_WARMUP="false", TOKENCREDIT_CACHE_TTL_S="0", TOKENCREDIT_MAX_ITEMS="256",
                         TOKENCREDIT_QUEUE=f"tc-bench-{u}", TOKENCREDIT_KEY_PREFIX=f"tc-bench-{u}")
 
-    def _spawn(self, name, cmd, env):
+    def _spawn(self, name, cmd, env, cwd=ROOT):
         log = open(self.logs / f"{name}.log", "wb")
-        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT))
         return self.procs[-1]
 
     def start(self) -> dict:
+        a = self.args
+        cli = [sys.executable, "-m", "service.cli"]
+        ports = {"embedded": _free_port(), "baseline": _free_port()}
+        self._spawn("api-embedded", cli + ["serve", "--model", a.model, "--port", str(ports["embedded"]), "--log-level", "warning"], self.env)
+        if a.before:
+            before = Path(a.before).resolve()
+            self._spawn("api-baseline", cli + ["serve", "--model", a.model, "--port", str(ports["baseline"]), "--log-level", "warning"],
+                        dict(self.env, PYTHONPATH=f"{before}{os.pathsep}{before / 'client'}"), cwd=before)
+        else:
+            self._spawn("api-baseline", cli + ["serve", "--model", a.model, "--port", str(ports["baseline"]), "--log-level", "warning"],
+                        dict(self.env, TOKENCREDIT_BATCH_MAX_ROWS="1"))
+        if not a.no_celery:
+            ports["celery"] = self._start_celery(cli)
+        urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+        deadline = time.monotonic() + 600
+        for u in urls.values():
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{u}/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                    raise SystemExit(f"a process failed to start; logs in {self.logs}")
+                time.sleep(0.2)
+        return urls
+
+    def _start_celery(self, cli) -> int:
         a = self.args
         url = a.redis
         host, port = url.split("//")[1].split("/")[0].split(":")
@@ -87,23 +131,11 @@ class Cluster:
                 time.sleep(0.05)
         self.broker = url
         env = dict(self.env, TOKENCREDIT_BROKER_URL=url)
-        cli = [sys.executable, "-m", "service.cli"]
         for i in range(a.workers):
             self._spawn(f"worker{i}", cli + ["worker", "--model", a.model, "--hostname", f"bench{i}"], env)
-        ports = {"celery": _free_port(), "embedded": _free_port()}
-        self._spawn("api-celery", cli + ["serve", "--model", a.model, "--port", str(ports["celery"]), "--log-level", "warning"], env)
-        self._spawn("api-embedded", cli + ["serve", "--model", a.model, "--port", str(ports["embedded"]), "--log-level", "warning"], self.env)
-        urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
-        deadline = time.monotonic() + 300
-        for u in urls.values():
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{u}/readyz", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                    raise SystemExit(f"a process failed to start; logs in {self.logs}")
-                time.sleep(0.2)
-        return urls
+        port = _free_port()
+        self._spawn("api-celery", cli + ["serve", "--model", a.model, "--port", str(port), "--log-level", "warning"], env)
+        return port
 
     def stop(self):
         for p in self.procs:
@@ -115,6 +147,8 @@ class Cluster:
             if p.poll() is None:
                 p.kill()
         # Leave nothing in a shared Redis: this run's queue, kombu's binding for it, and its keys.
+        if self.broker is None:
+            return
         with contextlib.suppress(Exception):
             import redis
 
@@ -143,7 +177,65 @@ async def _timed(coro_factory, repeats: int) -> float:
     return best
 
 
+def _bursts(kind: str, n: int, tag: str) -> list:
+    """n single-sample requests, all distinct: OpenRLHF's remote-RM call, or a one-item dense request."""
+    out = []
+    for i, it in enumerate(_items(n, tag)):
+        if kind == "scalar":
+            out.append(("/openrlhf/get_reward", {"query": [f"{it['prompt']} {it['response']}"], "prompts": [it["prompt"]], "labels": [None]}))
+        else:
+            out.append(("/v1/dense_rewards", {"items": [dict(it, id=str(i))], "weights": {"sparse": 0.5, "attention": 0.5}}))
+    return out
+
+
+async def load_test(args, urls) -> dict:
+    """A cluster's burst against the embedded server and the baseline, repeat by repeat alternating, best of each."""
+    tag = iter(range(10**6))
+    hosts = {name: urls[name].split("//")[1].split(":") for name in ("embedded", "baseline")}
+    for name, (host, port) in hosts.items():  # warm-up: lazy imports, first forward passes of several sizes
+        await burst(host, int(port), _bursts("scalar", 16, f"w{next(tag)}") + _bursts("dense", 16, f"w{next(tag)}"))
+    out = {}
+    for kind, n in (("scalar", args.scalar_requests), ("dense", args.dense_requests)):
+        best = {}
+        for _ in range(args.load_repeats):
+            for name, (host, port) in hosts.items():
+                answers, wall = await burst(host, int(port), _bursts(kind, n, f"{kind}{next(tag)}"))
+                ok = [a for a in answers if a.status == 200 and not _item_errors(a)]
+                rate = len(ok) / wall
+                print(f"{name}: {n} concurrent {kind} requests in {wall:.2f} s: {len(ok)} answered, "
+                      f"{n - len(ok)} errors ({_statuses(answers)}), {rate:.1f} answers/s")
+                if name not in best or rate > best[name][0]:
+                    best[name] = (rate, n - len(ok), [a.seconds for a in ok])
+        out[f"{kind}_speedup"] = best["embedded"][0] / max(best["baseline"][0], 1e-9)
+        out[f"{kind}_errors"] = best["embedded"][1]
+        out[f"baseline_{kind}_errors"] = best["baseline"][1]
+        out[f"{kind}_p50_ms"] = 1000 * percentile(best["embedded"][2], 50)
+        out[f"{kind}_p99_ms"] = 1000 * percentile(best["embedded"][2], 99)
+    return out
+
+
+def _item_errors(answer) -> bool:
+    results = (answer.body or {}).get("results")
+    return bool(results) and any(r.get("error") for r in results)
+
+
+def _statuses(answers) -> str:
+    counts = {}
+    for a in answers:
+        counts[a.status] = counts.get(a.status, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
 async def run(args, urls) -> None:
+    load = await load_test(args, urls)
+    line = (f"embedded_scalar_speedup={load['scalar_speedup']:.2f} embedded_scalar_errors={load['scalar_errors']} "
+            f"embedded_dense_speedup={load['dense_speedup']:.2f} scalar_p50_ms={load['scalar_p50_ms']:.0f} "
+            f"scalar_p99_ms={load['scalar_p99_ms']:.0f} dense_p50_ms={load['dense_p50_ms']:.0f} "
+            f"dense_p99_ms={load['dense_p99_ms']:.0f} baseline_scalar_errors={load['baseline_scalar_errors']}")
+    if args.no_celery:
+        print(f"summary: {line}")
+        return
+    urls = {"celery": urls["celery"], "embedded": urls["embedded"]}
     weights = json.loads(args.weights)
     tag = iter(range(10**6))
     limits = httpx.Limits(max_connections=args.items + 8, max_keepalive_connections=args.items + 8)
@@ -174,7 +266,7 @@ async def run(args, urls) -> None:
         per_path = {name: args.batches * args.batch / seconds for name, seconds in best.items()}
         for name, seconds in best.items():
             print(f"{name}: {args.batches} requests of {args.batch} items in {seconds:.3f} s = {per_path[name]:.1f} items/s")
-    print(f"summary: microbatch_ratio={ratio:.3f} celery_over_embedded={per_path['celery'] / per_path['embedded']:.3f}")
+    print(f"summary: microbatch_ratio={ratio:.3f} celery_over_embedded={per_path['celery'] / per_path['embedded']:.3f} {line}")
 
 
 def main() -> None:
@@ -187,6 +279,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default='{"sparse": 0.2, "attention": 0.4, "loo": 0.4}', help="cheap by default")
+    parser.add_argument("--scalar-requests", type=int, default=1024, help="concurrent single-sample OpenRLHF requests")
+    parser.add_argument("--dense-requests", type=int, default=256, help="concurrent one-item attention+sparse requests")
+    parser.add_argument("--load-repeats", type=int, default=1, help="bursts per server and kind (best kept)")
+    parser.add_argument("--before", default=None, help="baseline: serve from this checkout instead of one-at-a-time")
+    parser.add_argument("--no-celery", action="store_true", help="only the embedded load test (no Redis, no workers)")
     args = parser.parse_args()
     if args.model is None:
         sys.path.insert(0, str(ROOT))

@@ -11,11 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Dict, List, Literal, Optional
+from typing import Annotated, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = ["TrialReport", "StudyReport", "StudySummary", "StoredStudy", "StudyReports", "MAX_STUDIES"]
+
+# An integer as JSON Schema has it: 3 or 3.0, never true or "3" (the models below are strict).
+JSONInt = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 
 # Oldest-reported studies are dropped beyond this (a server outlives many tuning runs).
 MAX_STUDIES = 32
@@ -24,13 +27,14 @@ MAX_STUDIES = 32
 class TrialReport(BaseModel):
     """One trial as the controller sees it (`tokencredit.bo.study.Trial`, plus what only the controller knows)."""
 
-    model_config = ConfigDict(extra="ignore")
-    id: int = Field(..., ge=0)
+    # strict: JSON's types as the schema states them (no `false` for a number, no "3" for an integer).
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: JSONInt = Field(..., ge=0)
     weights: Dict[str, float]
     status: Literal["pending", "complete", "failed"]
     value: Optional[float] = None
     noise: Optional[float] = None
-    shaping_version: Optional[int] = None
+    shaping_version: Optional[JSONInt] = None
     source: str = Field("sobol", max_length=32)
     finished_at: Optional[str] = Field(None, max_length=64)
     note: Optional[str] = Field(None, max_length=2000)
@@ -43,18 +47,18 @@ class TrialReport(BaseModel):
 class StudyReport(BaseModel):
     """Body of `PUT /admin/v1/bo/studies/{name}`: the whole study, every time."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     components: List[str] = Field(..., min_length=2, max_length=16)
     direction: Literal["maximize", "minimize"] = "maximize"
-    seed: int = 0
-    n_init: int = Field(1, ge=1)
+    seed: JSONInt = 0
+    n_init: JSONInt = Field(1, ge=1)
     # The `--trials` the run aims at (finished trials, complete or failed).
-    target_trials: int = Field(..., ge=1)
+    target_trials: JSONInt = Field(..., ge=1)
     # running: the controller is alive; done: it reached its target; stopped: it ended early (error, Ctrl-C).
     state: Literal["running", "done", "stopped"] = "running"
     # The controller's best trial (`BayesOpt.best()`: highest GP posterior mean among observed trials once a GP
     # can be fitted), and how it was chosen.
-    best_trial: Optional[int] = None
+    best_trial: Optional[JSONInt] = None
     best_how: Optional[str] = Field(None, max_length=200)
     created_at: Optional[str] = Field(None, max_length=64)
     trials: List[TrialReport] = Field(default_factory=list, max_length=10_000)

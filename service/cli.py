@@ -1,4 +1,4 @@
-"""`tokencredit-server`: serve, worker, demo-model, explain, openapi."""
+"""`tokencredit-server`: serve, worker, demo-model, explain, distill, openapi."""
 
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ import sys
 from typing import List, Optional
 
 __all__ = ["main"]
-
-
-# The model flags besides --model, as Settings fields; `worker --concurrency N` forwards the same list to its children.
-MODEL_FLAGS = ("device", "dtype", "explain_dtype", "rm_kind", "positive_label", "negative_label", "mask_token",
-               "torch_threads", "compile_rows", "causal_masking", "chat_template")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +37,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra):
-    from service.config import Settings
+    from service.config import MODEL_FLAGS, Settings
 
     given = {"model": args.model, **{flag: getattr(args, flag) for flag in MODEL_FLAGS}, **extra}
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -71,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.main import create_app
 
     settings = _settings(args, host=args.host, port=args.port, broker_url=args.broker, queue=args.queue,
-                         deployment=args.deployment)
+                         deployment=args.deployment, tokenizer_dirs=args.tokenizer_dirs)
     app = create_app(settings)
     mode = f"Celery workers via {settings.broker_url}" if settings.broker_url else "the embedded engine"
     url = f"http://{settings.host}:{settings.port}"
@@ -98,7 +93,7 @@ def _worker(args: argparse.Namespace) -> int:
     if not settings.broker_url:
         print("worker: give --broker redis://HOST:PORT/DB or set TOKENCREDIT_BROKER_URL", file=sys.stderr)
         return 2
-    from workers.worker_main import run_worker
+    from service.worker_main import run_worker
 
     return run_worker(settings, args)
 
@@ -169,7 +164,7 @@ def _explain(args: argparse.Namespace) -> int:
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - any failure to load is the same one-line answer
             return bad(f"--policy-tokenizer: cannot load a tokenizer from {args.policy_tokenizer!r} "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
@@ -243,6 +238,44 @@ def _first_error(exc, located: bool = True) -> str:
     return (f"{where}: " if where else "") + message + more
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from workers.distill import DataError, distill, read_pairs
+    from workers.evaluator import set_torch_threads
+    from workers.model import RewardModel
+
+    def bad(message: str) -> int:
+        print(f"tokencredit-server distill: {message}", file=sys.stderr)
+        return 2
+
+    # The data is read before the model: a bad file must not cost a model load.
+    try:
+        pairs = read_pairs(args.data)
+    except OSError as exc:
+        return bad(f"--data: cannot read {args.data!r} ({exc.strerror})")
+    except DataError as exc:
+        return bad(f"--data: {exc}")
+    logging.getLogger().setLevel(logging.WARNING)
+    settings = _settings(args)
+    set_torch_threads(settings.torch_threads)
+    try:
+        model = RewardModel.load(settings.model, **settings.model_kwargs())
+    except Exception as exc:  # noqa: BLE001
+        return bad(f"cannot load a reward model from {settings.model!r} ({type(exc).__name__}: {exc})")
+    print(f"distill: {len(pairs)} pairs, labels = the service's full-budget shap estimates on {model.name}@{model.revision} "
+          f"(cached, resumable), then both heads", file=sys.stderr)
+    try:
+        report = distill(model, pairs, root=args.out_dir, epochs=args.epochs, progress=not args.quiet)
+    except DataError as exc:
+        return bad(f"--data: {exc}")
+    head = report.head
+    alone, plus = head.reports["alone"], head.reports.get("plus")
+    print(f"credit head v{head.version}: {report.examples} responses ({report.skipped} skipped), label rows "
+          f"{report.label_rows} in {report.label_seconds:.0f} s, training {report.train_seconds:.0f} s; validation "
+          f"Spearman vs labels: alone {alone['val_spearman']:.3f}"
+          + (f", amortized+k {plus['val_spearman']:.3f}" if plus else "") + f" -> {report.path}")
+    return 0
+
+
 def _openapi(args: argparse.Namespace) -> int:
     import yaml
 
@@ -271,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deployment", default=None,
                        help="deployment name (TOKENCREDIT_DEPLOYMENT): shaping versions are kept per deployment name "
                             "and RM; servers share them only when both agree (default: unnamed, keyed by the RM)")
+    serve.add_argument("--tokenizer-dirs", default=None, metavar="ENTRIES",
+                       help="policy tokenizers a request's policy_tokenizer may name (TOKENCREDIT_TOKENIZER_DIRS): "
+                            "NAME=DIR and root DIR entries separated by ':' (default: none). The data-plane token "
+                            "comes from TOKENCREDIT_API_TOKEN only, never from a flag (flags show in `ps`)")
     serve.set_defaults(func=_serve)
 
     worker = sub.add_parser("worker", help="run Celery worker process(es) that explain for `serve --broker`")
@@ -306,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true",
                          help="print the result as JSON (tokens, rewards, spans, each component's rewards and attributions)")
     explain.set_defaults(func=_explain)
+
+    distill = sub.add_parser("distill", help="pre-train the amortized credit head of an RM from (prompt, response) pairs")
+    _model_args(distill)
+    distill.add_argument("--data", required=True, metavar="JSONL",
+                         help='one {"prompt": "...", "response": "..."} object per line')
+    distill.add_argument("--epochs", type=int, default=60, help="at most this many epochs (early stopping)")
+    distill.add_argument("--out-dir", default=None,
+                         help="cache root holding credit-heads/ (default TOKENCREDIT_CACHE_DIR or ~/.cache/tokencredit; "
+                              "the server reads TOKENCREDIT_CREDIT_DIR)")
+    distill.add_argument("--quiet", action="store_true", help="no progress bar")
+    distill.set_defaults(func=_distill)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI schema as YAML")
     openapi.add_argument("--out", default=None)

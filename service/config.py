@@ -1,88 +1,66 @@
-"""Service settings, from `TOKENCREDIT_*` environment variables or CLI flags (flags win)."""
+"""Service settings, from `TOKENCREDIT_*` environment variables or CLI flags (flags win).
+
+`Settings` is `workers.settings.EngineSettings` (the reward model, the engine's limits, the broker: what a worker
+reads too) plus what only the HTTP server reads (bind address, back-pressure, micro-batching, admin, state).
+"""
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Literal, Optional
+from typing import Optional
 
-from pydantic import SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
 
-from tokencredit.types import Limits, ShapingWeights
-from workers.model import DEFAULT_CAUSAL_MASKING
+from workers.settings import DEFAULT_WEIGHTS, MODEL_FLAGS, EngineSettings
 
-__all__ = ["Settings", "DEFAULT_WEIGHTS"]
-
-# Shapley credit for most of the reward, a share kept on the last token like ordinary RLHF. The BO controller
-# (admin API) replaces these in production; they are only where a fresh server starts.
-DEFAULT_WEIGHTS = ShapingWeights(sparse=0.2, shap=0.8)
+__all__ = ["Settings", "DEFAULT_WEIGHTS", "MODEL_FLAGS"]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOKENCREDIT_", extra="ignore", env_ignore_empty=True)
-
-    # Reward model directory (any local AutoModelForSequenceClassification directory).
-    model: Optional[str] = None
+class Settings(EngineSettings):
     # Loopback by default: exposing the service is the operator's explicit choice.
     host: str = "127.0.0.1"
     port: int = 8000
-    device: str = "auto"
-    dtype: str = "auto"
-    # Precision of coalition rows: auto = bf16 where the hardware has it (the score R stays at `dtype`).
-    explain_dtype: str = "auto"
-    # Reuse a causal RM's prompt KV cache across coalition rows (exact).
-    kv_reuse: bool = True
-    # torch.compile an encoder RM's coalition rows: auto (on CPU), on, off. ×1.33 per row on the demo RM; the
-    # compile (~16 s) happens during warm-up, before health reports ready.
-    compile_rows: Literal["auto", "on", "off"] = "auto"
-    rm_kind: str = "auto"
-    # How a causal RM's coalition rows leave tokens out: attention, delete, ellipsis or replace (workers/model.py,
-    # CAUSAL_MASKING_MODES; the default is measured in docs/architecture.md). Encoder RMs always use [MASK].
-    causal_masking: Literal["attention", "delete", "ellipsis", "replace"] = DEFAULT_CAUSAL_MASKING
-    # Lay a causal RM's input out with its tokenizer's chat template when it has one.
-    chat_template: bool = True
-    positive_label: Optional[str] = None
-    negative_label: Optional[str] = None
-    mask_token: Optional[str] = None
-    # Torch threads of the engine; 1 by default because spinning threads collapse under contention.
-    torch_threads: int = 1
-    chunk_size: Optional[int] = None
-    warmup: bool = True
-    # Limits (413 beyond them).
-    max_items: int = 64
-    max_response_tokens: int = 512
-    max_total_tokens: int = 16384
-    max_response_chars: int = 16384
     max_body_bytes: int = 8 * 1024 * 1024
-    # Requests waiting for the engine beyond this get 429 with Retry-After.
-    max_pending_requests: int = 256
-    # Celery path (issue 3): no broker URL = embedded engine. e.g. redis://127.0.0.1:6379/0
-    broker_url: Optional[str] = None
-    # Queue and Redis key prefix: several deployments (or test runs) can share one Redis.
-    queue: str = "tokencredit"
-    key_prefix: str = "tc"
-    # Micro-batching: wait this long for more items, or until this many estimated RM rows, then send one task.
+    # Micro-batching (both executors, service/batching.py): the first waiting item waits this long for company, or
+    # until this many estimated RM rows wait; then one batch (an engine batch, or one Celery task) goes.
     batch_window_ms: float = 5.0
     batch_max_rows: int = 512
-    # Items waiting for workers beyond this get 429 with Retry-After.
-    max_queued_items: int = 4096
+    # Admission: requests queue until this many items, or this many estimated RM rows, are accepted and not yet
+    # answered; past either, 429 with Retry-After from the measured drain rate. A queued single-sample request
+    # holds ~10 kB here (measured by tests/test_load.py), so the default holds 16k of them in ~160 MB.
+    max_queued_items: int = 16384
+    max_queued_rows: int = 4_194_304
     # Deadline of a request without deadline_ms (below OpenRLHF's 180 s client timeout).
     default_deadline_ms: int = 150_000
     # Result cache TTL (0 disables the cache).
     cache_ttl_s: int = 3600
-    # A task unacked this long (its worker died) is redelivered; results are idempotent so early redelivery is safe.
-    visibility_timeout_s: float = 60.0
     # Admin API (/admin/v1/*) bearer token; unset = the admin API answers 403. A SecretStr so it never reaches logs.
     admin_token: Optional[SecretStr] = None
+    # Data-plane (/v1/*, /openrlhf/get_reward, /classify) bearer token; unset = no token asked (the loopback default;
+    # a non-loopback bind without one logs a warning). A SecretStr so it never reaches logs (service/security.py).
+    api_token: Optional[SecretStr] = None
+    # Policy tokenizers a request's `policy_tokenizer` may name, separated by os.pathsep: `NAME=DIR` entries and
+    # root directories; unset = none (service/security.py, TokenizerDirs).
+    tokenizer_dirs: Optional[str] = None
     # SQLite file of the shaping-weight versions (embedded default; with a broker they live in Redis).
     # None = <cache dir>/shaping.sqlite3.
     state_db: Optional[str] = None
     # Deployment name: shaping versions are kept per (deployment name, RM name, RM revision), so servers sharing a
     # state file or a Redis share a history only when they serve the same RM under the same name (None = unnamed).
     deployment: Optional[str] = None
-    # Initial shaping weights (version 1 of an empty store), as JSON: {"sparse": 0.2, "shap": 0.8}.
-    weights: str = DEFAULT_WEIGHTS.model_dump_json()
+    # Amortized credit head (embedded server; workers/credit_serving.py, service/credit_trainer.py): load the newest
+    # head of this RM revision from <credit_dir or cache dir>/credit-heads/, keep full-budget shap explanations as
+    # training examples and train new versions in a low-priority background thread.
+    credit_head: bool = True
+    credit_dir: Optional[str] = None
+    # Share of amortized answers also explained at full budget (live fidelity in /metrics; 0 disables audits).
+    credit_audit_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # Below this mean Spearman over the last credit_audit_window audits (at least 5), a mode falls back to the
+    # permutation estimator at full budget until a new head version is trained.
+    credit_min_spearman: float = Field(0.8, ge=-1.0, le=1.0)
+    credit_audit_window: int = Field(20, ge=1)
+    # The background trainer fits a new version once this many new examples arrived (and at least as many are held).
+    credit_train_every: int = Field(64, ge=1)
 
     @field_validator("deployment")
     @classmethod
@@ -91,36 +69,3 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
             raise ValueError(f"deployment name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
         return value
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_on_simplex(cls, value: str) -> str:
-        ShapingWeights.model_validate(json.loads(value))
-        return value
-
-    def shaping_weights(self) -> ShapingWeights:
-        return ShapingWeights.model_validate(json.loads(self.weights))
-
-    def model_kwargs(self) -> dict:
-        """Arguments of `RewardModel.load` from these settings (one place for the service, workers and the CLI)."""
-        return {
-            "device": self.device,
-            "dtype": self.dtype,
-            "kind": self.rm_kind,
-            "positive_label": self.positive_label,
-            "negative_label": self.negative_label,
-            "mask_token": self.mask_token,
-            "explain_dtype": self.explain_dtype,
-            "kv_reuse": self.kv_reuse,
-            "compile_rows": self.compile_rows,
-            "causal_masking": self.causal_masking,
-            "chat_template": self.chat_template,
-        }
-
-    def limits(self) -> Limits:
-        return Limits(
-            max_items=self.max_items,
-            max_response_tokens=self.max_response_tokens,
-            max_total_tokens=self.max_total_tokens,
-            max_response_chars=self.max_response_chars,
-        )

@@ -5,11 +5,13 @@ Validation stays here, before dispatch: the API loads the RM's config and tokeni
 needs no RM memory. Then, per request:
 
 1. cache lookup (MGET) of every item; hits are answered at once with `rm_rows` 0;
-2. misses go to the `MicroBatcher`, which coalesces items of concurrent requests for `batch_window_ms` or until
-   `batch_max_rows` estimated RM rows, and publishes one task per batch;
+2. misses are admitted (`service.batching.Admission`: 429 past the queue's high marks) and go to the
+   `MicroBatcher` (the embedded executor's too), which coalesces items of concurrent requests for
+   `batch_window_ms` or until `batch_max_rows` estimated RM rows, and publishes one task per batch;
 3. workers write each item under its id and push the task id to this process's reply list; one listener
    (BLPOP) wakes the waiting requests, which read their items (MGET) and are answered;
-4. what is not answered by the deadline gets an explicit `deadline_exceeded` item error.
+4. what is not answered by the deadline gets an explicit `deadline_exceeded` item error; a request whose client
+   disconnects leaves the queue (items not yet published are never sent).
 
 Redis down → `BrokerUnavailable` (503 + Retry-After) on new requests and on the ones waiting; nothing hangs,
 and the next request after Redis is back simply works (redis-py and kombu reconnect on use).
@@ -23,15 +25,16 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from service.batching import Admission, Entry, MicroBatcher, client_gone, wait_for_entries
 from service.cache import item_cache_key, request_shared_part
-from service.executor import NotReady, Overloaded, Unavailable
+from service.executor import ClientGone, NotReady, Overloaded, Unavailable, deadline_exceeded
 from tokencredit.types import Component, DenseRewardsRequest, ItemResult, ShapingWeights
-from workers.celery_app import TASK_NAME, keys, make_celery
+from workers.celery_app import TASK_NAME, TaskPayload, keys, make_celery
 from workers.engine import Engine, EngineOutput
-from workers.explainers import default_lime_samples, default_shap_rows
+from workers.registry import item_rows
 
 __all__ = ["CeleryExecutor", "BrokerUnavailable", "MicroBatcher", "load_validator", "estimate_rows"]
 
@@ -51,75 +54,23 @@ def load_validator(settings):
 
 
 def estimate_rows(n_tokens: int, request: DenseRewardsRequest, components: List[Component]) -> int:
-    """RM rows an item will cost (before de-duplication): the micro-batcher's unit of work."""
-    m = request.methods
-    rows = 1
-    for c in components:
-        if c is Component.attention:
-            rows += 1
-        elif c is Component.loo:
-            rows += n_tokens + 1
-        elif c is Component.shap:
-            rows += m.shap.max_rows if m and m.shap and m.shap.max_rows else default_shap_rows(n_tokens)
-        elif c is Component.lime:
-            rows += m.lime.num_samples if m and m.lime and m.lime.num_samples else default_lime_samples(n_tokens)
-    return rows
+    """RM rows an item will cost (before de-duplication): the micro-batcher's unit of work (workers/registry.py)."""
+    return item_rows(n_tokens, request.methods, components)
 
 
 @dataclass
-class _Entry:
+class _TaskItem:
+    """What an `Entry` carries to a task: its request's shared part (once per task) and the item itself."""
+
     group: int  # id of the request's shared part, so one task carries it once
     shared: dict  # {"request": ..., "weights": ...}
     uid: str
     cache_key: Optional[str]
     item: dict
-    rows: int
-    deadline: float
-    done: asyncio.Future = field(default=None)
-
-
-class MicroBatcher:
-    """Coalesces entries for `window_s` or until `max_rows`, then hands each batch (≤ max_rows, ≥ 1 entry) to `flush`."""
-
-    def __init__(self, window_s: float, max_rows: int, flush):
-        self.window_s = window_s
-        self.max_rows = max_rows
-        self.flush = flush
-        self._pending: List[_Entry] = []
-        self._rows = 0
-        self._timer: Optional[asyncio.TimerHandle] = None
-
-    def add(self, entries: List[_Entry]) -> None:
-        self._pending.extend(entries)
-        self._rows += sum(e.rows for e in entries)
-        if self._rows >= self.max_rows:
-            self._drain()  # a full batch does not wait for the window
-        elif self._pending and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.window_s, self._drain)
-
-    def _drain(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, total, self._pending, self._rows = self._pending, self._rows, [], 0
-        if not batch:
-            return
-        # k near-equal batches rather than full ones plus a remainder: 64 items over two workers go 32 + 32,
-        # not 40 + 24.
-        k = -(-total // self.max_rows)
-        target = total / k
-        current, rows = [], 0
-        for e in batch:
-            if current and k > 1 and rows + e.rows > target * 1.0001:
-                self.flush(current)
-                current, rows, k = [], 0, k - 1
-            current.append(e)
-            rows += e.rows
-        self.flush(current)
 
 
 class CeleryExecutor:
-    # The route records batch sizes for executors that do not (the embedded one runs each request as a batch).
+    # Batch sizes are observed here (per task), not by the route (per request).
     observes_batches = True
 
     def __init__(self, settings, metrics=None, on_model=None):
@@ -145,11 +96,13 @@ class CeleryExecutor:
         self._publish_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokencredit-publish")
         self._redis = None
         self._listener: Optional[asyncio.Task] = None
-        self._waiting: Dict[str, List[_Entry]] = {}  # task id → entries waiting for it
-        self._queued = 0
+        self._waiting: Dict[str, List[Entry]] = {}  # task id → entries waiting for it
+        self.admission = Admission(settings.max_queued_items, settings.max_queued_rows, Overloaded)
+        # No slot limit: every batch is a task, and workers take them as they can.
         self._batcher = MicroBatcher(settings.batch_window_ms / 1000.0, settings.batch_max_rows, self._publish)
         if metrics is not None:
             metrics.scrape_hooks.append(self._scrape)
+            metrics.scrape_hooks.append(lambda: metrics.observe_admission(self.admission))
 
     # -------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -158,7 +111,7 @@ class CeleryExecutor:
 
     @property
     def pending(self) -> int:
-        return self._queued
+        return self.admission.items
 
     def _load(self) -> None:
         model = load_validator(self.settings)
@@ -188,12 +141,21 @@ class CeleryExecutor:
     async def run(self, request: DenseRewardsRequest, weights: ShapingWeights) -> EngineOutput:
         if self.engine is None:
             raise NotReady(self.load_error or "the request validator is still loading")
-        loop = asyncio.get_running_loop()
         deadline_ms = request.deadline_ms or self.settings.default_deadline_ms
         deadline = time.time() + deadline_ms / 1000.0
         n = len(request.items)
-        if self._queued > 0 and self._queued + n > self.settings.max_queued_items:
-            raise Overloaded(f"{self._queued} items are already waiting for workers (limit {self.settings.max_queued_items})")
+        # Refused before any work when the items alone are past the high mark (rows are known after `prepare`).
+        self.admission.admit(n, 0)
+        held = [n, 0]  # what this request holds of the admission counts: its items waiting for workers, their rows
+        try:
+            return await self._run(request, weights, deadline_ms, deadline, held)
+        finally:
+            self.admission.leave(*held)
+            self._set_depth()
+
+    async def _run(self, request, weights, deadline_ms: int, deadline: float, held: list) -> EngineOutput:
+        loop = asyncio.get_running_loop()
+        n = len(request.items)
         prepared = await loop.run_in_executor(self._prepare_pool, self.engine.prepare, request)
         components = Engine.components_for(request, weights)
         shared_key = request_shared_part(request, weights, [c.value for c in components], self.engine.model.revision,
@@ -211,29 +173,34 @@ class CeleryExecutor:
             "weights": weights.as_dict(),
         }
         request_uid = uuid.uuid4().hex
-        entries: List[Optional[_Entry]] = []
+        entries: List[Optional[Entry]] = []
         for i, (p, hit) in enumerate(zip(prepared, hits)):
             if hit is not None:
                 entries.append(None)
                 continue
             rows = estimate_rows(p.rm_input.n_tokens, request, components)
             item = request.items[i].model_dump(mode="json", exclude={"id"})
-            entries.append(_Entry(id(shared), shared, f"{request_uid}:{i}", cache_keys[i], item, rows, deadline, loop.create_future()))
+            task_item = _TaskItem(id(shared), shared, f"{request_uid}:{i}", cache_keys[i], item)
+            entries.append(Entry(request_uid, rows, task_item, deadline, loop.create_future()))
         todo = [e for e in entries if e is not None]
-        self._queued += len(todo)
+        # Cache hits wait for nothing: only the items sent to workers stay counted, with their rows.
+        self.admission.leave(n - len(todo), 0)
+        held[0] = len(todo)
+        self.admission.grow(sum(e.rows for e in todo))
+        held[1] = sum(e.rows for e in todo)
         self._set_depth()
         try:
             if todo:
                 self._batcher.add(todo)
                 remaining = max(0.0, deadline - time.time())
-                await asyncio.wait([e.done for e in todo], timeout=remaining)
+                if await wait_for_entries([e.done for e in todo], client_gone(), timeout=remaining):
+                    dropped = self._drop(request_uid, todo, "client_gone")
+                    raise ClientGone(f"the client went away; {dropped} of its {n} items were dropped before they were sent")
         except asyncio.CancelledError:
-            for e in todo:  # the caller went away: let the listener forget these items
-                e.done.cancel()
+            self._drop(request_uid, todo, "cancelled")
             raise
         finally:
-            self._queued -= len(todo)
-            self._set_depth()
+            self.admission.answered(sum(1 for e in todo if e.done.done() and not e.done.cancelled()))
         for e in todo:
             if e.done.done() and isinstance(e.done.exception(), BrokerUnavailable):
                 raise e.done.exception()
@@ -249,8 +216,7 @@ class CeleryExecutor:
                 rows = int(payload.get("rm_rows", 0))
             else:
                 e.done.cancel()
-                payload = {"result": {"id": "", "error": {"code": "deadline_exceeded", "retryable": True,
-                           "message": f"not explained within the request's deadline of {deadline_ms} ms"}}}
+                payload = {"result": deadline_exceeded(deadline_ms)}
                 rows = 0
                 if self.metrics is not None:
                     self.metrics.worker_failures.labels("deadline").inc()
@@ -261,6 +227,15 @@ class CeleryExecutor:
             rm_rows += rows
         return EngineOutput(results=results, rm_rows=rm_rows)
 
+    def _drop(self, owner: str, todo: List[Entry], reason: str) -> int:
+        """Take the request's unpublished items out of the queue; the published ones' answers will be ignored."""
+        dropped = self._batcher.cancel(owner)
+        for e in todo:  # let the listener forget these items
+            e.done.cancel()
+        if dropped and self.metrics is not None:
+            self.metrics.dropped_items.labels(reason).inc(len(dropped))
+        return len(dropped)
+
     async def _redis_call(self, fn, *args):
         import redis
 
@@ -270,18 +245,19 @@ class CeleryExecutor:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from None
 
     # -------------------------------------------------------------------------------------------- batches
-    def _publish(self, batch: List[_Entry]) -> None:
+    def _publish(self, batch: List[Entry]) -> None:
         """Called by the batcher on the event loop: build one task, publish it off-loop."""
         task_id = uuid.uuid4().hex
         groups: Dict[int, dict] = {}
         for e in batch:
-            g = groups.setdefault(e.group, {**e.shared, "items": []})
-            g["items"].append({"uid": e.uid, "cache_key": e.cache_key, "item": e.item, "deadline": e.deadline})
+            t = e.payload
+            g = groups.setdefault(t.group, {**t.shared, "items": []})
+            g["items"].append({"uid": t.uid, "cache_key": t.cache_key, "item": t.item, "deadline": e.deadline})
         deadline = max(e.deadline for e in batch)
-        payload = {
-            "reply_to": self.reply_key, "prefix": self.prefix, "revision": self.engine.model.revision,
-            "deadline": deadline, "cache_ttl": self.settings.cache_ttl_s, "groups": list(groups.values()),
-        }
+        payload = TaskPayload(
+            reply_to=self.reply_key, prefix=self.prefix, revision=self.engine.model.revision,
+            deadline=deadline, cache_ttl=self.settings.cache_ttl_s, groups=list(groups.values()),
+        ).model_dump(mode="json")
         self._waiting[task_id] = batch
         if self.metrics is not None:
             self.metrics.batch_items.observe(len(batch))
@@ -302,7 +278,7 @@ class CeleryExecutor:
             self._fail(self._waiting.pop(task_id, []), BrokerUnavailable(f"cannot publish to the broker: {exc}"))
 
     @staticmethod
-    def _fail(entries: List[_Entry], exc: Exception) -> None:
+    def _fail(entries: List[Entry], exc: Exception) -> None:
         for e in entries:
             if not e.done.done():
                 e.done.set_exception(exc)
@@ -322,7 +298,7 @@ class CeleryExecutor:
                 batch = self._waiting.pop(task_id, None)
                 if batch is None:
                     continue  # a redelivered task's second notice, or a request that gave up
-                blobs = await self._redis.mget([keys.item(self.prefix, e.uid) for e in batch])
+                blobs = await self._redis.mget([keys.item(self.prefix, e.payload.uid) for e in batch])
                 for e, blob in zip(batch, blobs):
                     if e.done.done():
                         continue
@@ -361,7 +337,7 @@ class CeleryExecutor:
     # -------------------------------------------------------------------------------------------- metrics
     def _set_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self._queued)
+            self.metrics.queue_depth.set(self.admission.items)
 
     def _scrape(self) -> None:
         import redis

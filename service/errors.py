@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.executor import NotReady, Overloaded, Unavailable
+from service.executor import ClientGone, NotReady, Overloaded, Unavailable
 from tokencredit.types import ErrorDetail, ErrorResponse
 from workers.engine import InvalidField, PayloadTooLarge
 
@@ -53,6 +53,18 @@ def _validation_handler(request: Request, exc: RequestValidationError):
     return error_response(422, "invalid_request", f"{field}: {message}{more}", field=field)
 
 
+def _allowed_methods(request: Request) -> list:
+    """Every method that some route of this path answers."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None) or ()
+        if any(route.matches({**request.scope, "method": m})[0] is Match.FULL for m in route_methods):
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
 
@@ -73,15 +85,30 @@ def install_error_handlers(app: FastAPI) -> None:
         # Redis (the broker) is down: retry shortly; services reconnect by themselves when it is back.
         return error_response(503, "broker_unavailable", str(exc), retryable=True, headers={"Retry-After": "2"})
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        # Nobody reads it (nginx's "client closed request"); it only shows in the metrics and the access log.
+        return error_response(499, "client_gone", str(exc), retryable=True)
+
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded):
-        return error_response(429, "overloaded", str(exc), retryable=True, headers={"Retry-After": "1"})
+        # Retry-After: the seconds the backlog needs to make room at the measured drain rate (service/batching.py).
+        retry_after = str(getattr(exc, "retry_after", 1))
+        return error_response(429, "overloaded", str(exc), retryable=True, headers={"Retry-After": retry_after})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        field = "body" if exc.status_code == 413 else None
-        return error_response(exc.status_code, code, str(exc.detail), field=field, headers=getattr(exc, "headers", None))
+        status, message, headers = exc.status_code, str(exc.detail), dict(getattr(exc, "headers", None) or {})
+        code = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large"}.get(status, "http_error")
+        field = "body" if status in (400, 413) else None
+        if status == 400:
+            # FastAPI's answer to a body it cannot decode (bytes that are not UTF-8 JSON); JSON syntax errors are 422.
+            message = f"body: cannot be read as JSON ({message.lower()}); send UTF-8 JSON"
+        if status == 405:
+            # Starlette's Allow names the first route of the path only (GET /admin/v1/shaping hides its PUT).
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(status, code, message, field=field, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

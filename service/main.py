@@ -6,16 +6,19 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Optional
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException
 from fastapi.routing import APIRoute
 
 from service.config import Settings
 from service.errors import error_response, install_error_handlers
+from service.batching import DisconnectWatch
 from service.executor import EmbeddedExecutor
 from service.metrics import Metrics, MetricsMiddleware
 from service.bo_reports import StudyReports
 from service.routes import admin, bo, compat, health, metrics, rewards, ui
+from service.openapi import app_schema
+from service.security import TokenizerDirs, log_data_plane_access, require_api_token
 from service.shaping_state import ShapingState
 
 __all__ = ["create_app"]
@@ -75,9 +78,10 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
 
         executor = CeleryExecutor(settings, app_metrics, on_model=shaping.bind_model)
     else:
-        executor = EmbeddedExecutor(settings, on_model=shaping.bind_model)
+        executor = EmbeddedExecutor(settings, app_metrics, on_model=shaping.bind_model)
         # The Celery path sets the gauge as items come and go; the embedded one's count is read at scrape time.
         app_metrics.scrape_hooks.append(lambda: app_metrics.queue_depth.set(executor.pending_items))
+        app_metrics.scrape_hooks.append(lambda: app_metrics.observe_credit(executor.credit))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -99,19 +103,29 @@ def create_app(settings: Optional[Settings] = None, *, load_model: bool = True) 
     app.state.metrics = app_metrics
     app.state.shaping = shaping
     app.state.bo_reports = StudyReports()
+    app.state.tokenizer_dirs = TokenizerDirs.parse(settings.tokenizer_dirs)
+    if load_model:
+        log_data_plane_access(settings, app.state.tokenizer_dirs)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # A request whose client disconnects while it is queued is dropped from the queue (service/batching.py).
+    app.add_middleware(DisconnectWatch)
     # Outermost, so 413s from BodyLimit and error-handler answers are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app_metrics)
     install_error_handlers(app)
     app.add_exception_handler(admin.AdminError, admin.handle_admin_error)
+    # The data plane (/v1/*, the shims) asks for TOKENCREDIT_API_TOKEN when one is set; probes, /metrics and the
+    # page's files never do (/v1/info carries its own dependency, in service/routes/health.py).
+    data_plane = [Depends(require_api_token)]
     app.include_router(health.router)
-    app.include_router(rewards.router)
+    app.include_router(rewards.router, dependencies=data_plane)
     app.include_router(metrics.router)
-    app.include_router(compat.router)
+    app.include_router(compat.router, dependencies=data_plane)
     app.include_router(admin.router)
-    app.include_router(bo.router)
+    app.include_router(bo.router, dependencies=data_plane)
     app.include_router(bo.admin_router)
     app.include_router(ui.router)
     ui.mount_static(app)
+    app.openapi = lambda: app_schema(app, settings)
     return app
+

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 from starlette.concurrency import run_in_threadpool
 
 from service.executor import NotReady
-from service.shaping_store import Deployment, ShapingRecord, ShapingStore
-from tokencredit.types import ShapingInfo, ShapingWeights
+from service.shaping_store import Deployment, ShapingStore
+from tokencredit.types import ShapingInfo, ShapingVersion, ShapingWeights
 
 __all__ = ["ShapingSnapshot", "ShapingState"]
 
@@ -65,7 +65,7 @@ class ShapingState:
             raise NotReady("the reward model is not loaded (yet; see /readyz): shaping state is kept per deployment and RM")
         return self._store
 
-    def snapshot(self, record: ShapingRecord) -> ShapingSnapshot:
+    def snapshot(self, record: ShapingVersion) -> ShapingSnapshot:
         last = self._last
         if last is None or last.version != record.version:
             last = self._last = ShapingSnapshot(record.shaping_weights(), record.version, self.deployment.key)

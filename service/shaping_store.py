@@ -24,10 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from tokencredit.types import Component, ShapingWeights
+from tokencredit.types import Component, ShapingVersion, ShapingWeights
+from workers.registry import computable_components
 
 __all__ = [
-    "Deployment", "ShapingRecord", "ShapingStore", "SqliteShapingStore", "RedisShapingStore", "StaleVersion", "make_store",
+    "Deployment", "ShapingStore", "SqliteShapingStore", "RedisShapingStore", "StaleVersion", "make_store",
 ]
 
 log = logging.getLogger("tokencredit.shaping")
@@ -56,27 +57,13 @@ class Deployment:
     @classmethod
     def of(cls, name: Optional[str], model) -> "Deployment":
         """From a loaded `RewardModel` (a weightless validator in broker mode has the same name and revision)."""
-        components = tuple(c.value for c in Component if c is not Component.prefix or model.reads_last_position)
+        components = tuple(computable_components(model))
         return cls(name=name or None, model=model.name, revision=model.revision, components=components)
 
     def uncomputable(self, weights: Union[ShapingWeights, Mapping[str, float]]) -> List[str]:
         """Components with a positive weight that this RM cannot compute."""
         values = weights.as_dict() if isinstance(weights, ShapingWeights) else weights
         return [name for name, w in values.items() if w > 0 and name not in self.components]
-
-
-@dataclass(frozen=True)
-class ShapingRecord:
-    version: int
-    weights: Dict[str, float]
-    updated_at: str
-    updated_by: Optional[str]
-
-    def shaping_weights(self) -> ShapingWeights:
-        return ShapingWeights.model_validate(self.weights)
-
-    def as_dict(self) -> dict:
-        return {"version": self.version, "weights": dict(self.weights), "updated_at": self.updated_at, "updated_by": self.updated_by}
 
 
 class StaleVersion(Exception):
@@ -98,20 +85,20 @@ class ShapingStore:
         self.initial = initial
         self.deployment = deployment
 
-    def current(self) -> ShapingRecord:
+    def current(self) -> ShapingVersion:
         raise NotImplementedError
 
-    def get(self, version: int) -> Optional[ShapingRecord]:
+    def get(self, version: int) -> Optional[ShapingVersion]:
         raise NotImplementedError
 
-    def history(self) -> List[ShapingRecord]:
+    def history(self) -> List[ShapingVersion]:
         raise NotImplementedError
 
-    def put(self, weights: ShapingWeights, expected_version: int, updated_by: Optional[str]) -> ShapingRecord:
+    def put(self, weights: ShapingWeights, expected_version: int, updated_by: Optional[str]) -> ShapingVersion:
         """Store `weights` as version expected_version + 1 if the current version is expected_version, else StaleVersion."""
         raise NotImplementedError
 
-    def _note_existing(self, record: Optional[ShapingRecord]) -> None:
+    def _note_existing(self, record: Optional[ShapingVersion]) -> None:
         """Once per process: say so when the durable store overrides the configured initial weights."""
         if getattr(self, "_noted", False) or record is None:
             return
@@ -129,7 +116,7 @@ class ShapingStore:
         except StaleVersion:
             pass  # another process seeded it first
 
-    def _adoptable(self, legacy_current: Optional[ShapingRecord], where: str) -> bool:
+    def _adoptable(self, legacy_current: Optional[ShapingVersion], where: str) -> bool:
         """Whether this deployment may take the unscoped history whose current version is `legacy_current`."""
         if legacy_current is None:
             return False
@@ -151,8 +138,8 @@ class SqliteShapingStore(ShapingStore):
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
         self._ready = False
-        self._current: Optional[ShapingRecord] = None
-        self._records: Dict[int, ShapingRecord] = {}  # versions are immutable
+        self._current: Optional[ShapingVersion] = None
+        self._records: Dict[int, ShapingVersion] = {}  # versions are immutable
         # Kept open for `PRAGMA data_version`, which changes only when another connection commits (our own
         # `put` uses a separate connection, so it counts too); used under `_read_lock` from any thread.
         self._reader: Optional[sqlite3.Connection] = None
@@ -215,17 +202,17 @@ class SqliteShapingStore(ShapingStore):
             log.warning("shaping: migrated %d unscoped versions (current v%d) in %s to deployment %s; other deployments "
                         "using this file start their own history", len(rows), rows[-1][0], self.path, self.deployment.key)
 
-    @staticmethod
-    def _row(row) -> ShapingRecord:
-        return ShapingRecord(version=int(row[0]), weights=json.loads(row[1]), updated_at=row[2], updated_by=row[3])
+    def _row(self, row) -> ShapingVersion:
+        return ShapingVersion(version=int(row[0]), weights=json.loads(row[1]), updated_at=row[2], updated_by=row[3],
+                              deployment=self.deployment.key)
 
-    def _remember(self, record: Optional[ShapingRecord]) -> Optional[ShapingRecord]:
+    def _remember(self, record: Optional[ShapingVersion]) -> Optional[ShapingVersion]:
         # Versions only grow: a reader that raced a `put` must not put an older current version back.
         if record is not None and (self._current is None or record.version > self._current.version):
             self._current = record
         return self._current
 
-    def _read_current(self) -> Optional[ShapingRecord]:
+    def _read_current(self) -> Optional[ShapingVersion]:
         with self._read_lock:
             seen = self._reader.execute("PRAGMA data_version").fetchone()[0]
             if seen == self._seen_data_version and self._current is not None:
@@ -237,7 +224,7 @@ class SqliteShapingStore(ShapingStore):
             self._seen_data_version = seen
             return self._remember(self._row(row) if row else None)
 
-    def current(self) -> ShapingRecord:
+    def current(self) -> ShapingVersion:
         self._ensure()
         record = self._read_current()
         if record is None:  # another thread is between opening the store and seeding it
@@ -245,7 +232,7 @@ class SqliteShapingStore(ShapingStore):
             record = self._read_current()
         return record
 
-    def get(self, version: int) -> Optional[ShapingRecord]:
+    def get(self, version: int) -> Optional[ShapingVersion]:
         self._ensure()
         if version in self._records:
             return self._records[version]
@@ -262,7 +249,7 @@ class SqliteShapingStore(ShapingStore):
         record = self._records[version] = self._row(row)
         return record
 
-    def history(self) -> List[ShapingRecord]:
+    def history(self) -> List[ShapingVersion]:
         self._ensure()
         db = self._connect()
         try:
@@ -274,7 +261,7 @@ class SqliteShapingStore(ShapingStore):
             db.close()
         return [self._row(r) for r in rows]
 
-    def put(self, weights: ShapingWeights, expected_version: int, updated_by: Optional[str]) -> ShapingRecord:
+    def put(self, weights: ShapingWeights, expected_version: int, updated_by: Optional[str]) -> ShapingVersion:
         self._ensure()  # (re-entrant for the seeding call: _ready is set before seeding)
         record = None
         db = self._connect()
@@ -286,7 +273,8 @@ class SqliteShapingStore(ShapingStore):
                 ).fetchone()
                 if current != expected_version:
                     raise StaleVersion(current)
-                record = ShapingRecord(current + 1, weights.as_dict(), _now(), updated_by)
+                record = ShapingVersion(version=current + 1, weights=weights.as_dict(), updated_at=_now(),
+                                        updated_by=updated_by, deployment=self.deployment.key)
                 db.execute(
                     "INSERT INTO shaping_history (deployment, version, weights, updated_at, updated_by) VALUES (?, ?, ?, ?, ?)",
                     (self.deployment.key, record.version, json.dumps(record.weights), record.updated_at, record.updated_by),
@@ -338,7 +326,7 @@ class RedisShapingStore(ShapingStore):
         self._client = client
         self._script = None
         self._opened = False
-        self._cache: Dict[int, ShapingRecord] = {}  # versions are immutable
+        self._cache: Dict[int, ShapingVersion] = {}  # versions are immutable
 
     @property
     def client(self):
@@ -358,9 +346,10 @@ class RedisShapingStore(ShapingStore):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise Unavailable(f"Redis is unavailable ({type(exc).__name__}); retry shortly") from exc
 
-    def _record(self, version: int, blob) -> ShapingRecord:
+    def _record(self, version: int, blob) -> ShapingVersion:
         data = json.loads(blob)
-        return ShapingRecord(version, data["weights"], data["updated_at"], data.get("updated_by"))
+        return ShapingVersion(version=version, weights=data["weights"], updated_at=data["updated_at"],
+                              updated_by=data.get("updated_by"), deployment=self.deployment.key)
 
     def _open(self) -> None:
         """Once per process (retried while Redis is down): take over the unscoped history if there is one."""
@@ -384,7 +373,7 @@ class RedisShapingStore(ShapingStore):
                                 self._call(self.client.hlen, self.versions_key), legacy.version, where, self.deployment.key)
         self._opened = True
 
-    def get(self, version: int) -> Optional[ShapingRecord]:
+    def get(self, version: int) -> Optional[ShapingVersion]:
         if version in self._cache:
             return self._cache[version]
         self._open()
@@ -394,7 +383,7 @@ class RedisShapingStore(ShapingStore):
         record = self._cache[version] = self._record(version, blob)
         return record
 
-    def current(self) -> ShapingRecord:
+    def current(self) -> ShapingVersion:
         self._open()
         raw = self._call(self.client.get, self.current_key)  # one GET per request; the record itself is cached
         if raw is None:
@@ -405,14 +394,14 @@ class RedisShapingStore(ShapingStore):
         self._note_existing(record)
         return record
 
-    def history(self) -> List[ShapingRecord]:
+    def history(self) -> List[ShapingVersion]:
         self._open()
         if self._call(self.client.get, self.current_key) is None:
             self._seed()
         blobs = self._call(self.client.hgetall, self.versions_key)
         return sorted((self._record(int(k), v) for k, v in blobs.items()), key=lambda r: r.version)
 
-    def put(self, weights: ShapingWeights, expected_version: int, updated_by: Optional[str]) -> ShapingRecord:
+    def put(self, weights: ShapingWeights, expected_version: int, updated_by: Optional[str]) -> ShapingVersion:
         self._open()
         if self._script is None:
             self._script = self.client.register_script(_CAS)
@@ -421,7 +410,8 @@ class RedisShapingStore(ShapingStore):
         ok, version = self._call(self._script, [self.current_key, self.versions_key], [expected_version, blob])
         if not ok:
             raise StaleVersion(int(version))
-        record = self._cache[int(version)] = ShapingRecord(int(version), weights.as_dict(), at, updated_by)
+        record = self._cache[int(version)] = ShapingVersion(version=int(version), weights=weights.as_dict(), updated_at=at,
+                                                            updated_by=updated_by, deployment=self.deployment.key)
         return record
 
 

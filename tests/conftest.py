@@ -14,16 +14,32 @@ import tempfile  # noqa: E402
 # rows, and tests/test_levers.py tests compiled rows (and their fallback) directly.
 os.environ.setdefault("TOKENCREDIT_COMPILE_ROWS", "off")
 os.environ["TOKENCREDIT_STATE_DB"] = os.path.join(tempfile.mkdtemp(prefix="tokencredit-tests-"), "shaping.sqlite3")
+# Credit heads likewise (the servers' background trainer saves the versions it learns from full-budget requests).
+os.environ["TOKENCREDIT_CREDIT_DIR"] = tempfile.mkdtemp(prefix="tokencredit-tests-credit-")
 
-import pytest
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
 
-from tests import tiny_models
+import pytest  # noqa: E402
+
+from tests import tiny_models  # noqa: E402
+from tests.support import ROOT, SERVER_PYTHON, server_env  # noqa: E402
+
+
+def _built(builder: str, out):
+    """`tiny_models.<builder>(out)`, here or, where this interpreter has no torch (the SDK's own venv), by the
+    server's interpreter: the servers under test load the model there anyway."""
+    if importlib.util.find_spec("torch") is not None:
+        return getattr(tiny_models, builder)(out)
+    code = f"from tests.tiny_models import {builder}; {builder}({str(out)!r})"
+    subprocess.run([SERVER_PYTHON, "-c", code], cwd=ROOT, env=server_env(), check=True)
+    return out
 
 
 @pytest.fixture(scope="session")
 def encoder_rm_dir(tmp_path_factory):
     """A 2-label BERT RM (WordPiece) saved to disk."""
-    return tiny_models.build_encoder_rm(tmp_path_factory.mktemp("encoder-rm"))
+    return _built("build_encoder_rm", tmp_path_factory.mktemp("encoder-rm"))
 
 
 @pytest.fixture(scope="session")

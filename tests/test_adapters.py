@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.test_sdk_support import CHEAP, live_server
+from tests.support import CHEAP, live_server
 from tokencredit import Client
 from tokencredit.adapters import openrlhf, verl
 

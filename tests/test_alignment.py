@@ -151,6 +151,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def toks():
+    pytest.importorskip("transformers")  # the SDK's optional `tokenizers` extra (absent from its torch-free venv)
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

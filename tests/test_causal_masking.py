@@ -253,7 +253,7 @@ def test_settings_cli_and_cache_key_carry_the_mode(monkeypatch, tmp_path):
     from service.cli import build_parser
     from service.config import Settings
     from service.dispatch import CeleryExecutor
-    from workers.worker_main import _child_command
+    from service.worker_main import _child_command
 
     monkeypatch.setenv("TOKENCREDIT_CAUSAL_MASKING", "delete")
     monkeypatch.setenv("TOKENCREDIT_CHAT_TEMPLATE", "false")

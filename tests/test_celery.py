@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.celery_helpers import (
+from tests.support import (
     DEFAULT_REDIS, cleanup_redis, metric, require_default_redis, spawn_api, spawn_worker, stop, unique_names, wait_ready,
     wait_worker_loaded,
 )

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.celery_helpers import (
+from tests.support import (
     free_port, metric, spawn_api, spawn_worker, start_redis, stop, unique_names, wait_ready, wait_worker_loaded,
 )
 

@@ -57,7 +57,7 @@ def test_demo_model_if_missing_skips_existing(tmp_path):
 def test_worker_children_get_every_model_flag(tmp_path):
     from service.cli import build_parser
     from service.config import Settings
-    from workers.worker_main import _child_command
+    from service.worker_main import _child_command
 
     args = build_parser().parse_args(["worker", "--model", str(tmp_path), "--broker", "redis://127.0.0.1:6379/0",
                                  "--explain-dtype", "float32", "--compile-rows", "off", "--torch-threads", "1"])
@@ -110,8 +110,7 @@ def test_explain_bad_input_is_one_line(encoder_rm_dir, tmp_path):
 
 
 def test_serve_says_what_it_waits_for(encoder_rm_dir, tmp_path):
-    from tests.celery_helpers import stop, wait_ready
-    from tests.server_helpers import spawn_server
+    from tests.support import spawn_server, stop, wait_ready
 
     proc, url = spawn_server(encoder_rm_dir, tmp_path / "serve.log", state_db=tmp_path / "s.sqlite3")
     try:

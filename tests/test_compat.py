@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.test_sdk_support import live_server
+from tests.support import live_server
 
 PROMPT = "Tell me about the movie."
 RESPONSE = " The movie was wonderful and the acting was superb."
@@ -30,14 +30,14 @@ def test_openrlhf_empty_lists_exact_bytes(http):
     # OpenRLHF ≥ v0.9.1 sends empty lists to every URL but the first; its own serve_rm answers them with a 500.
     r = http.post("/openrlhf/get_reward", json={"query": [], "prompts": [], "labels": []})
     assert r.status_code == 200
-    assert r.content == b'{"rewards":[],"scores":[],"extra_logs":{"rm_score":[]}}'
+    assert r.content == b'{"rewards":[],"scores":[],"extra_logs":{"rm_score":[],"truncated":[]}}'
 
 
 def test_openrlhf_one_sample_exact_bytes(http):
     score = _score(http, PROMPT, RESPONSE)
     r = http.post("/openrlhf/get_reward", json={"query": [PROMPT + RESPONSE], "prompts": [PROMPT], "labels": [None]})
     assert r.status_code == 200, r.text
-    expected = json.dumps({"rewards": [score], "scores": [score], "extra_logs": {"rm_score": [score]}},
+    expected = json.dumps({"rewards": [score], "scores": [score], "extra_logs": {"rm_score": [score], "truncated": [0.0]}},
                           separators=(",", ":")).encode()
     assert r.content == expected
 

@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from service.shaping_store import Deployment, RedisShapingStore, SqliteShapingStore
-from tests.celery_helpers import DEFAULT_REDIS, cleanup_redis, require_default_redis, spawn_api, stop, unique_names, wait_ready
-from tests.server_helpers import spawn_server
+from tests.support import (
+    DEFAULT_REDIS, cleanup_redis, require_default_redis, spawn_api, spawn_server, stop, unique_names, wait_ready,
+)
 from tokencredit.types import ShapingWeights
 
 TOKEN = "tc-admin-" + uuid.uuid4().hex

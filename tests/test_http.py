@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,32 +12,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.celery_helpers import wait_ready
+from tests.support import spawn_server, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_items": 4, "max_response_tokens": 48, "max_total_tokens": 120}
 MAX_BODY = 200_000
 ITEM = {"prompt": "Tell me about the movie.", "response": "The movie was wonderful and the acting was superb."}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(model_dir, log_path: Path, host: str | None = "127.0.0.1", **env_extra):
-    """Start `service.cli serve` as a subprocess (its output goes to log_path, so no pipe can fill up)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCREDIT_")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), TOKENCREDIT_MAX_BODY_BYTES=str(MAX_BODY))
-    env.update({f"TOKENCREDIT_{k.upper()}": str(v) for k, v in {**LIMITS, **env_extra}.items()})
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--port", str(port), "--log-level", "warning"]
-    if host is not None:
-        cmd += ["--host", host]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}", port, log_path
+def _spawn(model_dir, log_path: Path, host: str | None = "127.0.0.1", **settings):
+    """`service.cli serve` with this module's limits and body cap; warm-up and compiled rows are the server's own
+    defaults unless given (the deployed path). Returns (proc, url, port, log_path)."""
+    settings = {"warmup": None, "compile_rows": None, "max_body_bytes": MAX_BODY, **LIMITS, **settings}
+    proc, url = spawn_server(model_dir, log_path, host=host, log_level="warning", **settings)
+    return proc, url, int(url.rsplit(":", 1)[1]), log_path
 
 
 @pytest.fixture(scope="module")

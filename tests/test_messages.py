@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from service.cache import item_cache_key, request_shared_part
-from tests.celery_helpers import stop, wait_ready
-from tests.server_helpers import spawn_server
+from tests.support import spawn_server, stop, wait_ready
 from tokencredit.types import DenseRewardItem, DenseRewardsRequest, Limits, MethodsConfig, ShapConfig, ShapingWeights
 from workers.engine import Engine, InvalidField
 from workers.model import RewardModel, causal_layout, plain_conversation

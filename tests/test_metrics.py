@@ -6,7 +6,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from tests.celery_helpers import metric
+from tests.support import metric
 
 
 def test_metrics_embedded(encoder_rm_dir):

@@ -1,5 +1,10 @@
 """The SDK against a real server on loopback: retries through a fault-injecting proxy, splits, checks, on_error,
-16 threads on one `Client`, 64 concurrent `AsyncClient` calls, and the policy's own ids for 3 tokenizers."""
+16 threads on one `Client`, 64 concurrent `AsyncClient` calls, and the policy's own ids for 3 tokenizers.
+
+The SDK is a light distribution: this file also runs in a venv with only `./client` and pytest
+(`tests/test_sdk_alone.py`), so nothing here imports torch, transformers or the server at module level; the
+tests that need them skip there.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import time
 
 import pytest
 
-from tests.test_sdk_support import CHEAP, LIMITS, FaultProxy, live_server
+from tests.support import CHEAP, LIMITS, FaultProxy, free_port, live_server
 from tokencredit import (
     AsyncClient,
     Client,
@@ -26,9 +31,9 @@ from tokencredit import (
     as_torch,
     policy_tokens,
 )
-from tokencredit._base import Answer, BaseClient, _Prepared
+from tokencredit._base import Answer, BaseClient, Gather, _Prepared
 from tokencredit.errors import error_from_response, parse_retry_after
-from tokencredit.types import DenseRewardItem
+from tokencredit.types import DenseRewardItem, Limits, ShapingWeights
 
 ITEM = {"prompt": "Tell me about the movie.", "response": "The movie was wonderful and the acting was superb."}
 FAST = Retry(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -56,8 +61,11 @@ def _conserved(r):
 
 
 # ---------------------------------------------------------------------------------------------------- happy path
+OFFSETS = [[0, 3], [4, 9], [10, 13], [14, 24], [25, 50]]
+
+
 def test_dense_rewards_plain_and_offsets(url):
-    offsets = [[0, 3], [4, 9], [10, 13], [14, 24], [25, 50]]
+    offsets = OFFSETS
     with _client(url) as tc:
         info = tc.info()
         assert info.limits.max_items == LIMITS["max_items"]
@@ -65,8 +73,15 @@ def test_dense_rewards_plain_and_offsets(url):
     assert a.id == "0" and b.id == "mine" and len(b.token_rewards) == 5 and not a.degraded
     for r in (a, b):
         _conserved(r)
-    arr, ten = as_numpy([a, None, b]), as_torch([a, b])
+    arr = as_numpy([a, None, b])
     assert arr.shape == (3, len(a.token_rewards)) and all(math.isnan(x) for x in arr[1])  # None is NaN, never 0
+
+
+def test_as_torch(url):
+    pytest.importorskip("torch")
+    with _client(url) as tc:
+        a, b = tc.dense_rewards([ITEM, dict(ITEM, id="mine", response_token_offsets=OFFSETS)])
+    ten = as_torch([a, b])
     assert ten.shape[0] == 2 and abs(float(b.as_torch().sum()) - b.score) < 1e-4
 
 
@@ -152,6 +167,51 @@ def test_fallback_gives_scalar_on_last_token(proxy):
         tc.info()
         [r] = tc.dense_rewards([dict(ITEM, id="a")], on_error="fallback")
     assert r.degraded and r.id == "a" and r.token_rewards[-1] == r.score and not any(r.token_rewards[:-1])
+
+
+def test_async_fallback_and_health_share_the_core(proxy):
+    """The fallback and health are written once (`_base`): the async face behaves as the sync one."""
+    proxy.script = [(503, {"Retry-After": "0"})] * FAST.attempts
+
+    async def main():
+        async with AsyncClient(proxy.url, retry=FAST, weights=CHEAP) as tc:
+            await tc.info()
+            [r] = await tc.dense_rewards([dict(ITEM, id="a")], on_error="fallback")
+            return r, await tc.health()
+
+    r, ready = asyncio.run(main())
+    assert r.degraded and r.id == "a" and r.token_rewards[-1] == r.score and not any(r.token_rewards[:-1])
+    assert [c["items"] for c in proxy.calls] == [1] * (FAST.attempts + 1)  # the dense attempts, then the fallback
+    with _client(proxy.url) as tc:
+        assert tc.health() == ready and ready["status"] == "ready"
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectError), _client(dead) as tc:
+        tc.health()
+
+
+def test_fallback_flow_sans_io():
+    """Drive `dense_rewards`' flow by hand: the dense chunk fails with a 503, the fallback asks for `sparse` only."""
+    limits = Limits(max_items=8, max_response_tokens=64, max_total_tokens=256, max_response_chars=1000)
+    base = BaseClient(retry=Retry(attempts=1), limits=limits, on_error="fallback", weights=CHEAP)
+    flow = base._dense_rewards_flow([dict(ITEM, id="a")])
+    gather = next(flow)
+    assert isinstance(gather, Gather) and len(gather.flows) == 1
+    chunk = gather.flows[0]
+    dense = next(chunk)
+    assert dense.body["weights"] == ShapingWeights.model_validate(CHEAP).model_dump()
+    with pytest.raises(StopIteration) as done:
+        chunk.send(Answer(503, {}, {"error": {"code": "not_ready", "message": "", "retryable": True}}))
+    fallback = flow.send([done.value.value]).flows[0]
+    scalar = next(fallback)
+    assert scalar.body["weights"] == ShapingWeights(sparse=1.0).model_dump()
+    n = len(ITEM["response"].split())
+    answer = {"results": [{"id": "a", "score": 2.0, "token_rewards": [0.0] * (n - 1) + [2.0], "spans": [[0, 1]] * n}]}
+    with pytest.raises(StopIteration) as scalar_done:
+        fallback.send(Answer(200, {}, answer))
+    with pytest.raises(StopIteration) as result:
+        flow.send([scalar_done.value.value])
+    [r] = result.value.value
+    assert r.degraded and r.id == "a" and r.score == 2.0
 
 
 def test_attributions_come_back_on_the_same_tokens_as_the_rewards(url):
@@ -283,6 +343,7 @@ TEXTS = ["Café crème, señor Müller! Emoji 😀👍🏽 at the end.", "Plain 
 
 @pytest.fixture(scope="module")
 def tokenizers():
+    pytest.importorskip("transformers")  # the SDK's optional `tokenizers` extra
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 

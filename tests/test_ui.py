@@ -20,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.celery_helpers import metric, stop, wait_ready
-from tests.server_helpers import spawn_server
+from tests.support import metric, spawn_server, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "tests" / "artifacts" / "ui"

@@ -4,15 +4,65 @@ Broker and result backend are Redis (`TOKENCREDIT_BROKER_URL`). Delivery is at-l
 `reject_on_worker_lost` keep a task in Redis's unacked set until it finishes, and a task whose worker died
 (SIGKILL, OOM) is put back after `visibility_timeout_s`. Workers write results keyed by item id with SET NX, so a
 redelivery can never produce a second or different answer (see `workers/tasks.py`).
+
+The task's one argument is a `TaskPayload` as JSON: `service/dispatch.py` builds and validates it, the worker
+validates it again before it explains anything.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any, Dict, List, Optional
 
-__all__ = ["make_celery", "TASK_NAME", "keys"]
+from celery import Celery
+from pydantic import BaseModel, ConfigDict
+
+from tokencredit.types import DenseRewardItem, ShapingWeights
+
+__all__ = ["make_celery", "TASK_NAME", "keys", "TaskPayload", "TaskGroup", "TaskItem"]
 
 TASK_NAME = "tokencredit.explain"
+
+
+class _Message(BaseModel):
+    # A field the other side does not know is a version mismatch between API and workers: fail loudly.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskItem(_Message):
+    """One item to explain, written by the worker under `keys.item(prefix, uid)`."""
+
+    uid: str
+    # Key of the result cache (`keys.cache`), or None when the cache is off.
+    cache_key: Optional[str] = None
+    # The item as the caller sent it, without its id (the API puts the caller's id back).
+    item: DenseRewardItem
+    # Unix seconds: past it, the worker answers `deadline_exceeded` instead of explaining (None: the payload's).
+    deadline: Optional[float] = None
+
+
+class TaskGroup(_Message):
+    """Items of one request: each is explained as a one-item request with the group's fields and weights."""
+
+    # The request's JSON without items, weights and deadline_ms.
+    request: Dict[str, Any]
+    weights: ShapingWeights
+    items: List[TaskItem]
+
+
+class TaskPayload(_Message):
+    """One micro-batch: the task's argument."""
+
+    # The API process's reply list (`keys.reply`): the worker pushes the task id there when it is done.
+    reply_to: str
+    # The deployment's Redis key prefix.
+    prefix: str
+    # The RM revision the API validated for; a worker serving another one refuses the items ("" skips the check).
+    revision: str = ""
+    # Unix seconds: the latest deadline of the items.
+    deadline: float
+    # Seconds the worker keeps each answer in the result cache (0: not cached).
+    cache_ttl: int = 0
+    groups: List[TaskGroup]
 
 
 class keys:

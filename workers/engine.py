@@ -23,25 +23,24 @@ from tokencredit.alignment import (
     char_spans_to_byte_spans,
     policy_byte_spans_from_ids,
 )
+from tokencredit.tokens import decoder_for
 from tokencredit.types import (
     Component,
     DenseRewardItem,
     DenseRewardsRequest,
     ItemError,
     ItemResult,
-    LimeConfig,
     Limits,
     MethodsConfig,
-    PrefixConfig,
     ModelInfo,
-    ShapConfig,
     ShapingWeights,
     TokenAttributions,
 )
-from workers import shaping
+from workers import credit_serving, shaping
+from workers.credit_head import token_features
 from workers.evaluator import CoalitionEvaluator, RowCounter
-from workers.explainers import BudgetError, explain_lime, explain_loo, explain_shap, min_shap_rows
 from workers.model import RewardModel, RMInput
+from workers.registry import REGISTRY, ExplainInput, config_for, supports
 
 __all__ = ["Engine", "InvalidField", "PayloadTooLarge", "PreparedItem", "EngineOutput"]
 
@@ -89,7 +88,8 @@ class EngineOutput:
 def _load_policy_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    # Never code from the directory: a tokenizer is data (a request names it; service/security.py vets the path).
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 class Engine:
@@ -107,6 +107,11 @@ class Engine:
         # The response plus the RM's special tokens must fit; the prompt is cut first.
         rm_room = model.max_length - 4
         self.limits = limits.model_copy(update={"max_response_tokens": min(limits.max_response_tokens, rm_room)})
+        # Seconds the warm-up took, once `warmup` ran (workers.loader.load_engine runs it).
+        self.warmup_seconds: Optional[float] = None
+        # The amortized credit head's state (workers/credit_serving.AmortizedCredit), attached by the embedded
+        # server; None: the "amortized" shap estimators are refused (422) and nothing is collected for training.
+        self.credit = None
 
     def model_info(self) -> ModelInfo:
         m = self.model
@@ -150,6 +155,12 @@ class Engine:
                     "items", f"the items hold more than {limits.max_total_tokens} RM response tokens in all", limits.max_total_tokens
                 )
             rm_input = self._encode(where, item)
+            if rm_input.prompt_truncated and request.truncation == "error":
+                field = f"{where}.prompt" if item.messages is None else f"{where}.messages"
+                raise PayloadTooLarge(
+                    field, f"the item is longer than the RM's {self.model.max_length} tokens and truncation is 'error' "
+                    "(send truncation='left_prompt' to cut the prompt from the left)", self.model.max_length,
+                )
             byte_spans, out_spans = self._policy_spans(where, item, policy_tok, rm_input)
             prepared.append(PreparedItem(item.id or str(i), item, rm_input, byte_spans, out_spans))
         self._check_budgets(request, prepared)
@@ -186,32 +197,39 @@ class Engine:
             if bad:
                 raise InvalidField(f"{where}.response_token_ids", f"id {bad[0]} is outside the policy vocabulary of {vocab}")
 
-            def decode(ids):
-                return policy_tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
             try:
-                byte_spans = policy_byte_spans_from_ids(item.response_token_ids, decode, item.response)
+                # The SDK's decode rule, so offsets computed client-side and here agree exactly.
+                byte_spans = policy_byte_spans_from_ids(item.response_token_ids, decoder_for(policy_tok), item.response)
             except AlignmentError as exc:
                 raise InvalidField(f"{where}.response_token_ids", str(exc)) from None
             return byte_spans, byte_spans_to_char_spans(item.response, byte_spans)
         return None, list(rm_input.response_spans)
 
     def _check_budgets(self, request: DenseRewardsRequest, prepared: List[PreparedItem]) -> None:
-        if not self.model.reads_last_position:
-            if request.weights is not None and request.weights.prefix > 0:
-                raise InvalidField("weights.prefix", f"the prefix component needs a causal RM; {self.model.name} is an encoder")
-            if request.methods is not None and request.methods.prefix is not None:
-                raise InvalidField("methods.prefix", f"the prefix component needs a causal RM; {self.model.name} is an encoder")
-        shap_cfg = request.methods.shap if request.methods else None
-        if shap_cfg is None or shap_cfg.max_rows is None:
-            return
-        for i, p in enumerate(prepared):
-            minimum = min_shap_rows(p.rm_input.n_tokens, shap_cfg.estimator)
-            if shap_cfg.max_rows < minimum:
-                raise InvalidField(
-                    "methods.shap.max_rows",
-                    f"items[{i}] has {p.rm_input.n_tokens} RM tokens; {shap_cfg.estimator} SHAP needs max_rows >= {minimum}",
-                )
+        # What each explainer needs (workers/registry.py): a causal RM, a budget that fits the item.
+        for explainer in REGISTRY.values():
+            if supports(explainer.component, self.model):
+                continue
+            why = f"the {explainer.name} component needs a causal RM; {self.model.name} is an encoder"
+            if request.weights is not None and getattr(request.weights, explainer.name) > 0:
+                raise InvalidField(f"weights.{explainer.name}", why)
+            if request.methods is not None and getattr(request.methods, explainer.name) is not None:
+                raise InvalidField(f"methods.{explainer.name}", why)
+        for explainer in REGISTRY.values():
+            cfg = getattr(request.methods, explainer.name) if request.methods is not None else None
+            if cfg is None or explainer.check is None:
+                continue
+            for i, p in enumerate(prepared):
+                refused = explainer.check(p.rm_input.n_tokens, cfg)
+                if refused is not None:
+                    field, why = refused
+                    raise InvalidField(f"methods.{explainer.name}.{field}",
+                                       f"items[{i}] has {p.rm_input.n_tokens} RM tokens; {why}")
+        shap_cfg = request.methods.shap if request.methods is not None else None
+        if shap_cfg is not None and shap_cfg.estimator in credit_serving.MODES:
+            why = credit_serving.unavailable(self.credit, shap_cfg.estimator, f"{self.model.name}@{self.model.revision}")
+            if why is not None:
+                raise InvalidField("methods.shap.estimator", why)
 
     # ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -239,8 +257,16 @@ class Engine:
 
     def _explain_item(self, p: PreparedItem, request, weights: ShapingWeights, components, counter: RowCounter) -> ItemResult:
         inp = p.rm_input
-        score = self.evaluator.score(inp, counter)
-        explained, shap_estimator = self._attributions(inp, request, components, score, counter)
+        features = None
+        if self.credit is not None and Component.shap in components and not self.model.reads_last_position:
+            # An encoder RM's score pass also gives the credit head its hidden states (the same arithmetic, so the
+            # same score): collecting training examples and the amortized estimators cost no extra row for it.
+            features = token_features(self.model, inp)
+            score = features.score
+            counter.rows, counter.calls, counter.requested = counter.rows + 1, counter.calls + 1, counter.requested + 1
+        else:
+            score = self.evaluator.score(inp, counter)
+        explained, shap_estimator, head_version = self._attributions(inp, request, components, score, counter, features)
         placement = request.residual_placement
         # On the policy's tokens when given: values move by byte mass (Σ preserved, unmapped mass to the last
         # token), then the base lands on the placement token of the policy tokens.
@@ -281,6 +307,7 @@ class Engine:
             rm_tokens=inp.n_tokens,
             prompt_truncated=inp.prompt_truncated,
             shap_estimator=shap_estimator,
+            credit_head_version=head_version,
         )
         if request.return_components:
             result.components = {c.value: rewards_by_component[c.value].tolist() for c in Component if c.value in rewards_by_component}
@@ -296,35 +323,21 @@ class Engine:
             }
         return result
 
-    def _attributions(self, inp: RMInput, request, components, score: float, counter: RowCounter):
+    def _attributions(self, inp: RMInput, request, components, score: float, counter: RowCounter, features=None):
         """Each explained component's values on the RM's response tokens, with base = R − Σ values."""
-        methods = request.methods
-        value_fn = functools.partial(self.evaluator, inp, counter=counter)
+        x = ExplainInput(self.evaluator, inp, counter, score, request.residual_placement, credit=self.credit,
+                         features=features)
         explained: Dict[str, shaping.TokenAttribution] = {}
-        shap_estimator = None
+        shap_estimator = head_version = None
         for comp in components:
-            if comp is Component.sparse:
+            explainer = REGISTRY.get(comp)
+            if explainer is None:  # sparse explains nothing
                 continue
-            if comp is Component.attention:
-                # ABC: R · a_t with Σ a = 1 (all on the placement token when the attention row is all zero).
-                share = shaping.normalize_nonnegative(self.evaluator.attention(inp, counter), request.residual_placement)
-                values = score * share
-            elif comp is Component.shap:
-                cfg = (methods.shap if methods else None) or ShapConfig()
-                att = explain_shap(value_fn, inp.n_tokens, estimator=cfg.estimator, max_rows=cfg.max_rows, seed=cfg.seed)
-                values, shap_estimator = att.values, ("exact" if att.exact else cfg.estimator)
-            elif comp is Component.lime:
-                cfg = (methods.lime if methods else None) or LimeConfig()
-                values = explain_lime(value_fn, inp.n_tokens, num_samples=cfg.num_samples, seed=cfg.seed, kernel_width=cfg.kernel_width).values
-            elif comp is Component.prefix:
-                # v_t = s_t − s_{t−1}; they telescope to s_T − s_0, so the base R − Σv is the prompt's own score s_0
-                # (plus R − s_T where the score is read after text that follows the response, e.g. a template).
-                values = np.diff(self.model.prefix_scores(inp))
-                counter.rows += 1
-            else:
-                values = explain_loo(value_fn, inp.n_tokens).values
-            explained[comp.value] = shaping.TokenAttribution.of(values, score)
-        return explained, shap_estimator
+            out = explainer.explain(x, config_for(comp, request.methods))
+            if comp is Component.shap:
+                shap_estimator, head_version = out.estimator, out.credit_head_version
+            explained[comp.value] = shaping.TokenAttribution.of(out.values, score)
+        return explained, shap_estimator, head_version
 
     def warmup(self) -> float:
         """One small explanation of every kind so the first request pays no lazy import, JIT or allocation cost."""
@@ -333,7 +346,7 @@ class Engine:
             items=[DenseRewardItem(prompt="Warm-up.", response="This is a short warm-up response.")],
             weights=ShapingWeights(sparse=0.2, attention=0.2, shap=0.2, lime=0.2, loo=0.2),
         )
-        if self.model.reads_last_position:
-            request.methods = MethodsConfig(prefix=PrefixConfig())
+        # Naming every explainer the RM supports in `methods` runs it (prefix has no weight here).
+        request.methods = MethodsConfig(**{e.name: e.config() for e in REGISTRY.values() if supports(e.component, self.model)})
         self.run(request, request.weights)
         return time.perf_counter() - start

@@ -1,4 +1,8 @@
-"""The coalition evaluator: the only code that runs the reward model.
+"""The coalition evaluator: the engine's one way to run the reward model.
+
+Coalition rows, the sequence score, the attention row and the prefix scores all go through it, so every RM
+row an explanation costs is counted here (`RowCounter`); the forward passes themselves are `RewardModel`'s
+(`scores`, `attention_row`, `prefix_scores`).
 
 A coalition is a boolean mask over the response's RM tokens (True = token kept). How a row leaves the other tokens
 out is the model's value function (`RewardModel.masking`):
@@ -15,6 +19,7 @@ read at an absent token (`RewardModel.read_positions`). Identical masks are eval
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +59,9 @@ class CoalitionEvaluator:
         self.model = model
         self.dedup = dedup
         self.chunk_size = chunk_size or (256 if model.device.startswith("cuda") else 64)
+        # Scores and attention rows computed for a micro-batch's items in shared passes (`shared`), by id(rm_input).
+        self._shared_scores: dict = {}
+        self._shared_attention: dict = {}
 
     def __call__(
         self, rm_input: RMInput, masks: np.ndarray, counter: RowCounter | None = None, low_precision: bool = True
@@ -180,15 +188,40 @@ class CoalitionEvaluator:
 
     def score(self, rm_input: RMInput, counter: RowCounter | None = None) -> float:
         """The unmasked sequence score R."""
+        if id(rm_input) in self._shared_scores:
+            self._count_one_pass(counter)
+            return float(self._shared_scores[id(rm_input)])
         return float(self(rm_input, np.ones((1, rm_input.n_tokens), dtype=bool), counter, low_precision=False)[0])
 
     def attention(self, rm_input: RMInput, counter: RowCounter | None = None) -> np.ndarray:
         """ABC credit: last-layer attention of the scoring position over response tokens (one forward pass)."""
-        row = self.model.attention_row(rm_input)
+        row = self._shared_attention.get(id(rm_input))
+        row = self.model.attention_row(rm_input) if row is None else row
+        self._count_one_pass(counter)
+        return row
+
+    @contextlib.contextmanager
+    def shared(self, scores: dict, attention: dict):
+        """Within the block, `score` and `attention` answer from these (keyed by id(rm_input)), computed for a
+        micro-batch's items in shared padded passes (workers/shared_rows.py); each still counts its one row."""
+        self._shared_scores, self._shared_attention = scores, attention
+        try:
+            yield self
+        finally:
+            self._shared_scores, self._shared_attention = {}, {}
+
+    def prefix_scores(self, rm_input: RMInput, counter: RowCounter | None = None) -> np.ndarray:
+        """A causal RM's score after each response prefix, float64 [T + 1] (one forward pass)."""
+        scores = self.model.prefix_scores(rm_input)
+        self._count_one_pass(counter)
+        return scores
+
+    @staticmethod
+    def _count_one_pass(counter: RowCounter | None) -> None:
         if counter is not None:
             counter.rows += 1
+            counter.requested += 1
             counter.calls += 1
-        return row
 
 
 def _with_ellipses(response: np.ndarray, keep: np.ndarray, ellipsis_ids) -> np.ndarray:

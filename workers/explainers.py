@@ -56,6 +56,9 @@ class Attribution:
     rows: int  # rows the estimator asked for (before the evaluator's de-duplication)
     # True when the values are exact Shapley values (every coalition enumerated), not a sample estimate.
     exact: bool = False
+    # Stratified permutation only: each pass's own estimate, float64 [P, T] (values is their mean); the credit
+    # head learns a one-pass estimate's correction from them (workers/credit_head.py, split_passes).
+    passes: Optional[np.ndarray] = None
 
 
 def default_shap_rows(n_tokens: int) -> int:
@@ -242,14 +245,15 @@ def permutation_shapley(
     values = value_fn(np.concatenate(masks))
     empty, full = float(values[0]), float(values[1])
     per_pass = values[2:].reshape(passes, 2, T - 1)
-    phi = np.zeros(T, dtype=np.float64)
+    each = np.zeros((passes, T), dtype=np.float64)
     for p, order in enumerate(orders):
         forward = np.concatenate([[empty], per_pass[p, 0], [full]])  # row k keeps order[:k]
         backward = np.concatenate([[full], per_pass[p, 1], [empty]])  # row k keeps order[k:]
-        phi[order] += np.diff(forward)  # adding order[k] moves forward row k → k+1
-        phi[order] -= np.diff(backward)  # removing order[k] moves backward row k → k+1
-    phi /= 2 * passes
-    return Attribution(values=phi, base_value=empty, full_value=full, rows=stratified_rows(T, passes))
+        each[p, order] += np.diff(forward)  # adding order[k] moves forward row k → k+1
+        each[p, order] -= np.diff(backward)  # removing order[k] moves backward row k → k+1
+    each /= 2
+    phi = each.sum(axis=0) / passes
+    return Attribution(values=phi, base_value=empty, full_value=full, rows=stratified_rows(T, passes), passes=each)
 
 
 def explain_lime(

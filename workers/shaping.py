@@ -29,9 +29,10 @@ make PPO's reward-to-go an unbiased gradient estimate: learning dynamics can cha
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -46,6 +47,9 @@ __all__ = [
     "residual_distribution",
     "mix_rewards",
     "conserve",
+    "step_spans",
+    "token_steps",
+    "step_rewards",
 ]
 
 # Request field `normalization`: the default first.
@@ -151,3 +155,67 @@ def mix_rewards(score: float, rewards: Mapping[str, np.ndarray], weights: Mappin
             raise ValueError(f"component {name} has {len(r)} tokens, expected {n}")
         mixed += (w / total_weight) * r
     return conserve(mixed, score)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Steps (request field `aggregate.steps`): one reward per step of the response, for PRM-style trainers. A step's
+# reward is the sum of its tokens' rewards, so the steps sum to the score exactly as the tokens do.
+
+
+def step_spans(response: str, *, separator: Optional[str] = None, pattern=None) -> List[Tuple[int, int]]:
+    """Character spans [start, end) of the steps of `response`: a step ends after each occurrence of `separator`
+    (or after each match of the compiled `pattern`, zero-width matches included); the rest is the last step. The
+    spans cover the response in order without gaps, and none is empty.
+
+    Example:
+        >>> step_spans("a\\n\\nb\\n\\n", separator="\\n\\n")
+        [(0, 3), (3, 6)]
+    """
+    if (separator is None) == (pattern is None):
+        raise ValueError("give exactly one of separator and pattern")
+    ends = set()
+    if separator is not None:
+        at = response.find(separator)
+        while at >= 0:
+            ends.add(at + len(separator))
+            at = response.find(separator, at + len(separator))
+    else:
+        ends.update(m.end() for m in pattern.finditer(response))
+    ends.add(len(response))
+    bounds = [0] + sorted(e for e in ends if 0 < e <= len(response))
+    return [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
+
+
+def token_steps(token_spans: Sequence[Tuple[int, int]], steps: Sequence[Tuple[int, int]]) -> List[int]:
+    """The step of each token: the step holding its first character; for a token with no characters (a special
+    token, or a piece of a character that an earlier token carries) the step of the character before it, so it
+    stays with the text it follows (the first step when nothing precedes it)."""
+    starts = [s for s, _ in steps]
+    out = []
+    for start, end in token_spans:
+        at = start if end > start else start - 1
+        out.append(max(bisect.bisect_right(starts, max(at, 0)) - 1, 0))
+    return out
+
+
+def step_rewards(token_rewards: Sequence[float], token_spans: Sequence[Tuple[int, int]],
+                 steps: Sequence[Tuple[int, int]]) -> List[Tuple[Tuple[int, int], Tuple[int, int], float]]:
+    """(step span, [first, end) token range, Σ of its tokens' rewards) per step.
+
+    Token spans are sorted, so each step's tokens are one contiguous range; a step that no token starts in gets an
+    empty range at its place and reward 0. Σ step rewards = Σ token rewards (both summed with fsum).
+    """
+    if len(token_rewards) != len(token_spans):
+        raise ValueError(f"{len(token_rewards)} rewards for {len(token_spans)} token spans")
+    owner = token_steps(token_spans, steps)
+    if any(b < a for a, b in zip(owner, owner[1:])):
+        raise ValueError("token spans must be sorted")
+    out = []
+    first = 0
+    for k, span in enumerate(steps):
+        end = first
+        while end < len(owner) and owner[end] == k:
+            end += 1
+        out.append((tuple(span), (first, end), math.fsum(float(r) for r in token_rewards[first:end])))
+        first = end
+    return out

@@ -1,13 +1,18 @@
 """Everything the clients do that needs no socket: items, chunking, retry decisions, parsing and checks.
 
-The request logic is written once, as generators that *yield* what they need (`Send` a request, `Sleep`) and
-receive the answer; `Client` drives them with blocking calls and `AsyncClient` with awaits. So both clients retry,
-split and validate identically, and the logic is testable without a network.
+The request logic is written once, as generators ("flows") that *yield* what they need (`Send` a request, `Sleep`,
+`Gather` sub-flows to run concurrently) and receive the answer; the sync faces (`Client`, `AdminClient`) drive them
+with blocking calls and the async faces (`AsyncClient`, `AsyncAdminClient`) with awaits. So every client retries,
+splits, falls back and validates identically, and the logic is testable without a network.
+
+`HTTPCore` is what every client of the service holds (base URL, timeouts, headers, the one-request flow);
+`BaseClient` adds the dense-rewards flows.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,7 +20,7 @@ from typing import Any, Dict, Generator, List, Mapping, Optional, Sequence, Tupl
 
 from pydantic import ValidationError
 
-from tokencredit._config import DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRY, DEFAULT_TIMEOUTS, Retry, Timeouts
+from tokencredit._config import API_TOKEN_ENV, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRY, DEFAULT_TIMEOUTS, Retry, Timeouts
 from tokencredit.errors import (
     InvalidRequestError,
     ItemFailedError,
@@ -24,13 +29,16 @@ from tokencredit.errors import (
     TokenCreditError,
     error_from_response,
 )
-from tokencredit.results import Attribution, DenseReward
+from tokencredit.results import Attribution, DenseReward, Step
 from tokencredit.tokens import PolicyTokens, policy_tokens
 from tokencredit.types import DenseRewardItem, DenseRewardsRequest, InfoResponse, Limits, ShapingWeights, response_of_messages
 
-__all__ = ["BaseClient", "Send", "Sleep", "Answer", "ON_ERROR"]
+__all__ = ["HTTPCore", "BaseClient", "Send", "Sleep", "Gather", "Answer", "ON_ERROR", "USER_AGENT"]
 
 ON_ERROR = ("raise", "skip", "fallback")
+USER_AGENT = "tokencredit-python/0.1.0"
+# `scores` and the on_error="fallback" resubmission: the plain RM score on the last token (one forward pass).
+SCALAR_WEIGHTS = {"sparse": 1.0}
 # Estimated RM tokens per response character, to chunk before the server's token count is known; an estimate
 # that is too low costs one 413 and a split, never a wrong answer.
 _CHARS_PER_TOKEN = 3.0
@@ -49,6 +57,13 @@ class Send:
 @dataclass
 class Sleep:
     seconds: float
+
+
+@dataclass
+class Gather:
+    """Run these flows concurrently (at most `max_in_flight` requests at a time); the answer is their results, in order."""
+
+    flows: List[Generator]
 
 
 @dataclass
@@ -71,7 +86,50 @@ class _Prepared:
     policy: Optional[PolicyTokens] = None
 
 
-class BaseClient:
+def _item_id(raw: Any, index: int) -> str:
+    value = raw.get("id") if isinstance(raw, Mapping) else getattr(raw, "id", None)
+    return str(index) if value is None else str(value)
+
+
+class HTTPCore:
+    """What every client of the service holds, with no socket: base URL, timeouts, headers, and one plain request.
+
+    Args:
+        base_url (`str`): the TokenCredit service.
+        api_key (`str`, *optional*): sent as `Authorization: Bearer ...` (never in a message, a `repr` or a log).
+        timeout (`Timeouts | float | None`): per-phase timeouts (a number sets every phase).
+        max_in_flight (`int`): concurrent requests of one call that `Gather`s sub-flows.
+        transport (`httpx.BaseTransport | httpx.AsyncBaseTransport`, *optional*): for tests or custom networking.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: Optional[str] = None,
+                 timeout: Union[Timeouts, float, None] = DEFAULT_TIMEOUTS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 transport: Any = None):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight={max_in_flight} must be >= 1")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = Timeouts.coerce(timeout)
+        self.max_in_flight = max_in_flight
+        self._transport = transport
+        self._headers = {"user-agent": USER_AGENT}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+
+    def __repr__(self) -> str:  # never the key
+        return f"{type(self).__name__}({self.base_url!r})"
+
+    def _request_flow(self, method: str, path: str, body: Optional[dict] = None,
+                      headers: Optional[Mapping[str, str]] = None) -> Generator[Any, Any, Any]:
+        """One request, not retried: the decoded body of a 2xx answer; otherwise the typed error is raised."""
+        answer = yield Send(method, path, body, dict(self._headers, **(headers or {})))
+        if isinstance(answer, TokenCreditError):
+            raise answer
+        if not 200 <= answer.status < 300:
+            raise error_from_response(answer.status, answer.body, answer.headers)
+        return answer.body
+
+
+class BaseClient(HTTPCore):
     """Configuration and socket-free logic shared by `Client` and `AsyncClient`; see `Client` for the arguments."""
 
     def __init__(
@@ -90,19 +148,14 @@ class BaseClient:
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} must be one of {ON_ERROR}")
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight={max_in_flight} must be >= 1")
-        self.base_url = base_url.rstrip("/")
-        self.timeout = Timeouts.coerce(timeout)
+        # The data-plane token of a server that asks for one; adapters built inside trainers pass none, so the env.
+        api_key = api_key if api_key is not None else os.environ.get(API_TOKEN_ENV)
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_in_flight=max_in_flight)
         self.retry = retry
-        self.max_in_flight = max_in_flight
         self.on_error = on_error
         self.weights = None if weights is None else ShapingWeights.model_validate(dict(weights))
         self.rtol, self.atol = rtol, atol
         self._limits = limits  # None until read from /v1/info
-        self._headers = {"user-agent": "tokencredit-python/0.1.0"}
-        if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
 
     # ------------------------------------------------------------------------------------------------ items
     def _prepare(self, items: Sequence[Any], tokenizer: Any) -> Tuple[List[_Prepared], Dict[int, TokenCreditError]]:
@@ -318,13 +371,40 @@ class BaseClient:
         attributions = self._check_attributions(where, raw.get("attributions"), score, len(rewards))
         if isinstance(attributions, ResponseInvariantError):
             return attributions
+        steps = self._check_steps(where, raw.get("steps"), rewards)
+        if isinstance(steps, ResponseInvariantError):
+            return steps
         if p.policy is not None:
             rewards = p.policy.expand(rewards)
             attributions = {k: Attribution(p.policy.expand(a.values), a.base, a.exact) for k, a in attributions.items()}
         spans = [tuple(s) for s in (raw.get("spans") or [])]
         return DenseReward(id=p.item.id, score=float(score), token_rewards=[float(r) for r in rewards], spans=spans,
                            coverage=float(raw.get("coverage") if raw.get("coverage") is not None else 1.0),
-                           attributions=attributions or None)
+                           attributions=attributions or None, steps=steps,
+                           prompt_truncated=bool(raw.get("prompt_truncated")))
+
+    def _check_steps(self, where: str, raw: Any, rewards: List[float]):
+        """Steps, when returned: contiguous token ranges covering every reward, each step's reward their sum (so
+        Σ steps = Σ rewards = score, checked above). Byte pieces that `PolicyTokens.expand` spreads never straddle a
+        step: a piece without characters goes with the character before it."""
+        if raw is None:
+            return None
+        steps, at = [], 0
+        for k, s in enumerate(raw if isinstance(raw, list) else [None]):
+            try:
+                (a, b), (first, end), reward = s["span"], s["tokens"], float(s["reward"])
+            except (TypeError, KeyError, ValueError):
+                return ResponseInvariantError(f"{where}: steps[{k}] needs span, tokens and reward")
+            if first != at or end < first or not math.isfinite(reward):
+                return ResponseInvariantError(f"{where}: steps[{k}] does not continue at token {at}")
+            part = rewards[first:end]
+            if abs(math.fsum(part) - reward) > self.atol + self.rtol * max([abs(reward)] + [abs(r) for r in part]):
+                return ResponseInvariantError(f"{where}: steps[{k}].reward = {reward!r} is not the sum of its tokens' rewards")
+            steps.append(Step(span=(int(a), int(b)), tokens=(int(first), int(end)), reward=reward))
+            at = end
+        if at != len(rewards):
+            return ResponseInvariantError(f"{where}: the steps cover {at} of {len(rewards)} tokens")
+        return steps
 
     def _check_attributions(self, where: str, raw: Any, score: float, n: int):
         """Attributions, when returned: one finite value per reward and Σ values + base = score."""
@@ -345,9 +425,44 @@ class BaseClient:
             out[name] = Attribution([float(v) for v in values], float(base), a.get("exact"))
         return out
 
+    def _dense_rewards_flow(self, items: Sequence[Any], *, tokenizer=None, policy_tokenizer=None, weights=None,
+                            methods=None, on_error=None, deadline_ms=None, shaping_version=None,
+                            return_attributions=None, normalization=None, residual_placement=None,
+                            aggregate=None, truncation=None):
+        """`dense_rewards` (arguments: see `Client.dense_rewards`): the results, with the fallback when asked for.
+
+        Under `on_error="fallback"`, the items that failed are sent again with the `sparse` weights (the plain
+        score on the last token) and flagged `degraded`; when that fails too, the first dense error is raised.
+        """
+        shaping = dict(return_attributions=return_attributions, normalization=normalization,
+                       residual_placement=residual_placement, aggregate=aggregate, truncation=truncation)
+        kw = dict(tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, methods=methods, deadline_ms=deadline_ms,
+                  shaping=shaping)
+        results, failed, outcomes = yield from self._dense_flow(items, weights=weights, on_error=on_error,
+                                                                shaping_version=shaping_version, **kw)
+        if failed and (on_error or self.on_error) == "fallback":
+            sub_items = [items[i] for i in failed]
+            try:
+                sub, _, _ = yield from self._dense_flow(sub_items, weights=SCALAR_WEIGHTS, on_error="raise", **kw)
+            except TokenCreditError as exc:
+                raise outcomes[failed[0]] from exc
+            for i, r in zip(failed, sub):
+                results[i] = self._as_degraded(r, _item_id(items[i], i))
+        return results
+
+    def _scores_flow(self, items: Sequence[Any], **kwargs):
+        """`scores`: the RM score of each item (None for a failed item under `on_error="skip"`)."""
+        results = yield from self._dense_rewards_flow(items, weights=SCALAR_WEIGHTS, **kwargs)
+        return [None if r is None else r.score for r in results]
+
+    def _health_flow(self):
+        """`GET /readyz` once, without retries: the body when ready, else the typed error is raised."""
+        return (yield from self._request_flow("GET", "/readyz"))
+
     def _dense_flow(self, items, *, tokenizer=None, policy_tokenizer=None, weights=None, methods=None,
                     on_error=None, deadline_ms=None, shaping_version=None, shaping=None):
-        """Yields `("chunks", [flow, ...])` to run concurrently and gets back their outcomes; returns the results."""
+        """Yields `Gather([flow, ...])` to run the chunks concurrently and gets back their outcomes; returns
+        `(results, failed indices, outcomes)`."""
         on_error = on_error or self.on_error
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} must be one of {ON_ERROR}")
@@ -367,7 +482,7 @@ class BaseClient:
         sendable = [p for p in prepared if p.index not in outcomes]
         options = self._request_options(weights, methods, policy_tokenizer, shaping_version, shaping)
         flows = [self._chunk_flow(c, options, on_error, deadline_ms, deadline) for c in self._chunks(sendable, limits)]
-        for part in (yield ("chunks", flows)):
+        for part in (yield Gather(flows)):
             outcomes.update(part)
         return self._finish(items, outcomes, on_error)
 

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional, Tuple, Union
 
-__all__ = ["Timeouts", "Retry", "DEFAULT_TIMEOUTS", "DEFAULT_RETRY", "DEFAULT_MAX_IN_FLIGHT"]
+__all__ = ["Timeouts", "Retry", "DEFAULT_TIMEOUTS", "DEFAULT_RETRY", "DEFAULT_MAX_IN_FLIGHT", "API_TOKEN_ENV"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,6 @@ DEFAULT_TIMEOUTS = Timeouts()
 DEFAULT_RETRY = Retry()
 # Concurrent HTTP requests per dense_rewards call (the server queues beyond its own engine capacity anyway).
 DEFAULT_MAX_IN_FLIGHT = 8
+# The environment variable a data-plane client reads its bearer token from when given no api_key (the server's
+# TOKENCREDIT_API_TOKEN: the same name on both sides).
+API_TOKEN_ENV = "TOKENCREDIT_API_TOKEN"

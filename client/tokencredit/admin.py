@@ -1,10 +1,14 @@
-"""`AdminClient`: the server's versioned shaping weights (`/admin/v1/shaping`), synchronously.
+"""`AdminClient` / `AsyncAdminClient`: the server's versioned shaping weights (`/admin/v1/shaping`).
 
 Writes are optimistic concurrency: `PUT` carries `If-Match: "v<version>"` of the version it replaces, and the
 server's compare-and-set lets exactly one of two writers with the same ETag win (the other gets 412).
 `update_shaping` is the safe read-modify-write loop on top: GET, PUT with its ETag, and on 412 read again and
 retry, so concurrent tuners (two `tokencredit bo run`, or a human) never overwrite each other silently: every
 update becomes its own version.
+
+Both clients are faces of one sans-I/O core (`AdminCore`, on `tokencredit._base.HTTPCore`): the same transport,
+typed errors and timeouts as `Client`. The wire types (`ShapingVersion`, ...) are `tokencredit.types`', shared
+with the server.
 
 The bearer token (default: `TOKENCREDIT_ADMIN_TOKEN`) goes into the `Authorization` header only; it is never in
 a message, a `repr` or a log line.
@@ -14,55 +18,19 @@ from __future__ import annotations
 
 import os
 import random
-import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
+from urllib.parse import quote
 
-import httpx
+from tokencredit._base import HTTPCore, Sleep
+from tokencredit._config import Timeouts
+from tokencredit.client import AsyncDriver, SyncDriver
+from tokencredit.errors import PreconditionFailedError
+from tokencredit.types import ShapingVersion, ShapingWeights, etag
 
-from tokencredit._base import Send
-from tokencredit.client import _answer, _transport_error
-from tokencredit.errors import PreconditionFailedError, error_from_response
-from tokencredit.types import ShapingWeights
-
-__all__ = ["AdminClient", "ShapingVersion", "TOKEN_ENV"]
+__all__ = ["AdminClient", "AsyncAdminClient", "AdminCore", "ShapingVersion", "TOKEN_ENV", "etag"]
 
 TOKEN_ENV = "TOKENCREDIT_ADMIN_TOKEN"
 Weights = Union[ShapingWeights, Mapping[str, float]]
-
-
-@dataclass(frozen=True)
-class ShapingVersion:
-    """One version of the server's shaping weights (what `GET /admin/v1/shaping` answers)."""
-
-    version: int
-    weights: Dict[str, float]
-    updated_at: str
-    updated_by: Optional[str] = None
-    # The server's deployment, `[name/]rm@revision`: versions are numbered per deployment (None from older servers).
-    deployment: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def etag(self) -> str:
-        return etag(self.version)
-
-    @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> "ShapingVersion":
-        known = {"version", "weights", "updated_at", "updated_by", "deployment"}
-        return cls(
-            version=int(body["version"]),
-            weights={k: float(v) for k, v in body["weights"].items()},
-            updated_at=str(body["updated_at"]),
-            updated_by=body.get("updated_by"),
-            deployment=body.get("deployment"),
-            extra={k: v for k, v in body.items() if k not in known},
-        )
-
-
-def etag(version: int) -> str:
-    """The server's ETag for a version: `"v3"`."""
-    return f'"v{int(version)}"'
 
 
 def _weights_body(weights: Weights) -> Dict[str, float]:
@@ -71,42 +39,78 @@ def _weights_body(weights: Weights) -> Dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-class AdminClient:
-    """Synchronous client of the admin API; safe to share between threads (httpx.Client is).
+class AdminCore(HTTPCore):
+    """The admin API's requests and the `update_shaping` loop as flows (no I/O); see `AdminClient` for the arguments."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", token: Optional[str] = None, *,
+                 timeout: Union[Timeouts, float, None] = 10.0, max_attempts: int = 20, transport: Any = None):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        super().__init__(base_url, api_key=token, timeout=timeout, transport=transport)
+        self.max_attempts = max_attempts
+        #: How many 412s `update_shaping` has absorbed (a measure of contention; tests read it).
+        self.stale_retries = 0
+
+    def _get_shaping_flow(self):
+        return ShapingVersion.model_validate((yield from self._request_flow("GET", "/admin/v1/shaping")))
+
+    def _put_shaping_flow(self, weights: Weights, if_match: Union[int, str, None], updated_by: Optional[str]):
+        headers = {}
+        if if_match is not None:
+            headers["if-match"] = etag(if_match) if isinstance(if_match, int) else str(if_match)
+        body = {"weights": _weights_body(weights), "updated_by": updated_by}
+        return ShapingVersion.model_validate((yield from self._request_flow("PUT", "/admin/v1/shaping", body, headers)))
+
+    def _history_flow(self):
+        body = yield from self._request_flow("GET", "/admin/v1/shaping/history")
+        return [ShapingVersion.model_validate(v) for v in body["versions"]]
+
+    def _put_bo_study_flow(self, name: str, report: Mapping[str, Any]):
+        return (yield from self._request_flow("PUT", f"/admin/v1/bo/studies/{quote(name, safe='')}", dict(report)))
+
+    def _update_shaping_flow(self, weights: Weights, updated_by: Optional[str]):
+        body = ShapingWeights(**_weights_body(weights))  # fail before I/O on weights off the simplex
+        last: Optional[PreconditionFailedError] = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                # Racing writers spread out instead of colliding again in lockstep.
+                yield Sleep(random.uniform(0.0, min(0.5, 0.01 * 2**attempt)))
+            current = yield from self._get_shaping_flow()
+            try:
+                return (yield from self._put_shaping_flow(body, current.version, updated_by))
+            except PreconditionFailedError as exc:
+                last = exc
+                self.stale_retries += 1
+        assert last is not None
+        raise last
+
+
+class AdminClient(SyncDriver, AdminCore):
+    """Synchronous client of the admin API; safe to share between threads, and across a fork.
 
     Args:
         base_url (`str`): the TokenCredit service, e.g. `http://127.0.0.1:8000`.
         token (`str`, *optional*): the admin bearer token; defaults to `$TOKENCREDIT_ADMIN_TOKEN`. Without one,
             requests go out unauthenticated and the server answers 401 (`AuthError`).
-        timeout (`float`, defaults to 10): seconds per request.
+        timeout (`Timeouts | float`, defaults to 10): per-phase timeouts (a number sets every phase).
         max_attempts (`int`, defaults to 20): `update_shaping`'s bound on GET→PUT rounds lost to other writers.
+        transport (`httpx.BaseTransport`, *optional*): for tests or custom networking.
 
     Raises (from every call):
         `AuthError` (401/403), `PreconditionFailedError` (412), `PreconditionRequiredError` (428),
         `InvalidRequestError` (422: weights off the simplex, or giving a component the server's RM cannot
         compute), other `RewardServiceError`s,
         `ConnectError` / `RequestTimeout` when no answer came.
+
+    Example:
+        >>> with AdminClient("http://127.0.0.1:8000") as admin:  # doctest: +SKIP
+        ...     admin.update_shaping({"sparse": 0.2, "shap": 0.8}, updated_by="me").version
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", token: Optional[str] = None, *,
-                 timeout: float = 10.0, max_attempts: int = 20, transport: Optional[httpx.BaseTransport] = None):
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        self.base_url = base_url.rstrip("/")
-        self.max_attempts = max_attempts
-        #: How many 412s `update_shaping` has absorbed (a measure of contention; tests read it).
-        self.stale_retries = 0
-        token = token if token is not None else os.environ.get(TOKEN_ENV)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
-
-    def __repr__(self) -> str:  # never the token
-        return f"AdminClient({self.base_url!r})"
-
-    # ------------------------------------------------------------------------------------------------ verbs
     def get_shaping(self) -> ShapingVersion:
         """The current version (its `etag` is what a PUT must send as `If-Match`)."""
-        return ShapingVersion.from_json(self._request("GET", "/admin/v1/shaping"))
+        return self._drive(self._get_shaping_flow())
 
     def put_shaping(self, weights: Weights, *, if_match: Union[int, str, None],
                     updated_by: Optional[str] = None) -> ShapingVersion:
@@ -115,22 +119,16 @@ class AdminClient:
         `if_match=None` sends no `If-Match` (the server answers 428); a stale one raises
         `PreconditionFailedError` with `current_version` set. The weights are validated by the server (422).
         """
-        headers = {}
-        if if_match is not None:
-            headers["If-Match"] = etag(if_match) if isinstance(if_match, int) else str(if_match)
-        body = {"weights": _weights_body(weights), "updated_by": updated_by}
-        return ShapingVersion.from_json(self._request("PUT", "/admin/v1/shaping", json=body, headers=headers))
+        return self._drive(self._put_shaping_flow(weights, if_match, updated_by))
 
     def history(self) -> List[ShapingVersion]:
         """Every version, oldest first."""
-        return [ShapingVersion.from_json(v) for v in self._request("GET", "/admin/v1/shaping/history")["versions"]]
+        return self._drive(self._history_flow())
 
     def put_bo_study(self, name: str, report: Mapping[str, Any]) -> Dict[str, Any]:
         """Show a BO study on the server's web page (`/ui#bo`): `report` is the whole study as
         `tokencredit.bo.report.study_report` builds it; it replaces what the server showed of study `name`."""
-        from urllib.parse import quote
-
-        return self._request("PUT", f"/admin/v1/bo/studies/{quote(name, safe='')}", json=dict(report))
+        return self._drive(self._put_bo_study_flow(name, report))
 
     def update_shaping(self, weights: Weights, updated_by: Optional[str] = None) -> ShapingVersion:
         """Make `weights` the current weights as a new version, whatever other writers do meanwhile.
@@ -142,36 +140,29 @@ class AdminClient:
         Returns:
             The version record this call created (never another writer's).
         """
-        body = ShapingWeights(**_weights_body(weights))  # fail before I/O on weights off the simplex
-        last: Optional[PreconditionFailedError] = None
-        for attempt in range(self.max_attempts):
-            if attempt:
-                time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2**attempt)))
-            current = self.get_shaping()
-            try:
-                return self.put_shaping(body, if_match=current.version, updated_by=updated_by)
-            except PreconditionFailedError as exc:
-                last = exc
-                self.stale_retries += 1
-        assert last is not None
-        raise last
+        return self._drive(self._update_shaping_flow(weights, updated_by))
 
-    # ------------------------------------------------------------------------------------------------ plumbing
-    def _request(self, method: str, path: str, **kwargs) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:  # timeouts included
-            raise _transport_error(Send(method, path), exc) from exc
-        answer = _answer(response)
-        if answer.status >= 400:
-            raise error_from_response(answer.status, answer.body, answer.headers)
-        return answer.body
 
-    def close(self) -> None:
-        self._http.close()
+class AsyncAdminClient(AsyncDriver, AdminCore):
+    """`AdminClient` with awaited verbs (same arguments; `transport` is an `httpx.AsyncBaseTransport`)."""
 
-    def __enter__(self) -> "AdminClient":
-        return self
+    async def get_shaping(self) -> ShapingVersion:
+        """See `AdminClient.get_shaping`."""
+        return await self._drive(self._get_shaping_flow())
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    async def put_shaping(self, weights: Weights, *, if_match: Union[int, str, None],
+                          updated_by: Optional[str] = None) -> ShapingVersion:
+        """See `AdminClient.put_shaping`."""
+        return await self._drive(self._put_shaping_flow(weights, if_match, updated_by))
+
+    async def history(self) -> List[ShapingVersion]:
+        """See `AdminClient.history`."""
+        return await self._drive(self._history_flow())
+
+    async def put_bo_study(self, name: str, report: Mapping[str, Any]) -> Dict[str, Any]:
+        """See `AdminClient.put_bo_study`."""
+        return await self._drive(self._put_bo_study_flow(name, report))
+
+    async def update_shaping(self, weights: Weights, updated_by: Optional[str] = None) -> ShapingVersion:
+        """See `AdminClient.update_shaping`."""
+        return await self._drive(self._update_shaping_flow(weights, updated_by))

@@ -28,6 +28,8 @@ import email.utils
 import time
 from typing import Any, Mapping, Optional
 
+from tokencredit.types import version_of_etag
+
 __all__ = [
     "TokenCreditError",
     "TransportError",
@@ -246,11 +248,6 @@ def error_from_response(
     retry_after = parse_retry_after((headers or {}).get("retry-after")) if headers is not None else None
     error = cls(status, code, message, field=field, retryable=retryable, retry_after=retry_after, request_id=request_id)
     if isinstance(error, PreconditionFailedError) and headers is not None:
-        error.current_version = _version_of_etag(headers.get("etag"))
+        error.current_version = version_of_etag(headers.get("etag"))
     return error
 
-
-def _version_of_etag(value: Optional[str]) -> Optional[int]:
-    """'"v3"' (or W/"v3") → 3; anything else → None."""
-    tag = (value or "").strip().removeprefix("W/").strip('"')
-    return int(tag[1:]) if tag.startswith("v") and tag[1:].isdigit() else None

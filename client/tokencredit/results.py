@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Attribution", "DenseReward", "as_numpy", "as_torch"]
+__all__ = ["Attribution", "DenseReward", "Step", "as_numpy", "as_torch", "step_tensor"]
 
 
 @dataclass
@@ -25,6 +25,22 @@ class Attribution:
 
 
 @dataclass
+class Step:
+    """One step of the response (`aggregate={"steps": ...}`): Σ of its tokens' rewards.
+
+    Attributes:
+        span (`tuple[int, int]`): characters [start, end) of the response.
+        tokens (`tuple[int, int]`): entries [first, end) of `token_rewards` (a token belongs to the step holding its
+            first character; one without characters to the step of the character before it).
+        reward (`float`): Σ token_rewards[first:end]; the steps sum to the score.
+    """
+
+    span: Tuple[int, int]
+    tokens: Tuple[int, int]
+    reward: float
+
+
+@dataclass
 class DenseReward:
     """Dense rewards of one item.
 
@@ -37,6 +53,8 @@ class DenseReward:
         degraded (`bool`): True when the dense call failed and `on_error="fallback"` put the score on the last token.
         attributions (`dict[str, Attribution]`, *optional*): per explained component, its values and base
             (with `return_attributions=True`).
+        steps (`list[Step]`, *optional*): per-step rewards (with `aggregate={"steps": ...}`).
+        prompt_truncated (`bool`): the prompt (or the oldest messages) was cut from the left to fit the RM.
 
     Example:
         >>> r = DenseReward(id="0", score=1.0, token_rewards=[0.25, 0.75])
@@ -51,6 +69,8 @@ class DenseReward:
     coverage: float = 1.0
     degraded: bool = False
     attributions: Optional[Dict[str, Attribution]] = None
+    steps: Optional[List[Step]] = None
+    prompt_truncated: bool = False
 
     def as_numpy(self, dtype="float64"):
         import numpy as np
@@ -98,3 +118,27 @@ def as_torch(results: Sequence[Optional[DenseReward]], length: Optional[int] = N
 
     array = as_numpy(results, length=length, pad=pad, missing=missing)
     return torch.as_tensor(array, dtype=dtype or torch.float32, device=device)
+
+
+def step_tensor(results: Sequence[Optional[DenseReward]], length: int, missing: float = float("nan"), dtype=None,
+                device=None):
+    """PRM-style `(batch, length)` rewards: each step's reward on the last token of the step (0 elsewhere).
+
+    Args:
+        results: Output of `dense_rewards(..., aggregate={"steps": ...})`; None becomes a row of `missing`.
+        length: Columns (the trainer's completion length); a step whose last token is beyond it is cut away.
+    """
+    import torch
+
+    out = torch.zeros((len(results), length), dtype=dtype or torch.float32, device=device)
+    for i, r in enumerate(results):
+        if r is None:
+            out[i, :] = missing
+            continue
+        if r.steps is None:
+            raise ValueError(f"results[{i}] has no steps: ask for them with aggregate={{'steps': ...}}")
+        for step in r.steps:
+            first, end = step.tokens
+            if first < end <= length:
+                out[i, end - 1] += step.reward
+    return out

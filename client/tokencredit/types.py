@@ -9,6 +9,7 @@ client can fail before any I/O; checks that need the reward model or a tokenizer
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
@@ -41,8 +42,11 @@ __all__ = [
     "ChatMessage",
     "DenseRewardItem",
     "response_of_messages",
+    "StepsConfig",
+    "AggregateConfig",
     "DenseRewardsRequest",
     "ItemError",
+    "StepReward",
     "ItemResult",
     "TokenAttributions",
     "ModelInfo",
@@ -53,6 +57,12 @@ __all__ = [
     "InfoResponse",
     "ErrorDetail",
     "ErrorResponse",
+    "ShapingVersion",
+    "ShapingHistory",
+    "ShapingUpdate",
+    "etag",
+    "version_of_etag",
+    "version_of_if_match",
     "SIMPLEX_TOLERANCE",
 ]
 
@@ -121,7 +131,11 @@ class ShapConfig(_Strict):
     # Which estimator runs. All satisfy efficiency. "stratified" (default): antithetic permutation passes with
     # stratified positions, the empty and full rows shared (≈ one pass fewer for the same fidelity on the demo
     # RM); "permutation" and "kernel" are the shap library's PermutationExplainer and KernelExplainer.
-    estimator: Literal["permutation", "kernel", "stratified"] = "stratified"
+    # "amortized": the server's learned credit head alone (2 rows on an encoder RM: the score pass, which also gives
+    # the hidden states, and f(∅); 3 on a causal RM);
+    # "amortized+k": the head correcting one stratified pass (2T + 2 rows). Both need a head trained for this RM
+    # (`tokencredit-server distill`, or online from full-budget requests; 422 otherwise) and ignore max_rows.
+    estimator: Literal["permutation", "kernel", "stratified", "amortized", "amortized+k"] = "stratified"
     # RM rows (coalitions) per response; None = 8 × response tokens. Needs at least 2T (stratified), 2T+1
     # (permutation) or T+2 (kernel); a budget of 2^T or more enumerates every coalition instead (exact values).
     max_rows: Optional[int] = Field(None, ge=1, le=1_000_000)
@@ -377,6 +391,38 @@ def response_of_messages(messages: Any) -> Optional[str]:
         return None
 
 
+class StepsConfig(_Strict):
+    """How a response is cut into steps (PRM-style): after each occurrence of `separator`, or after each match of
+    `regex` (Python `re` syntax). Give one of the two. A separator (or match) belongs to the step it ends; the text
+    after the last one is the last step."""
+
+    separator: Optional[str] = Field(None, min_length=1, max_length=256)
+    regex: Optional[str] = Field(None, min_length=1, max_length=256)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "StepsConfig":
+        if (self.separator is None) == (self.regex is None):
+            raise ValueError("give exactly one of separator and regex")
+        return self
+
+
+class AggregateConfig(_Strict):
+    """Aggregations returned besides the per-token rewards."""
+
+    # One reward per step: the sum of its tokens' rewards (so the steps sum to the score), with its spans.
+    steps: StepsConfig
+
+
 class DenseRewardsRequest(_Strict):
     """Body of `POST /v1/dense_rewards`."""
 
@@ -403,6 +449,12 @@ class DenseRewardsRequest(_Strict):
     # Time budget in ms (Celery path, `serve --broker`; the embedded engine ignores it): items not explained by
     # then get an explicit `deadline_exceeded` error. None = the server's default (150 s, below OpenRLHF's 180 s).
     deadline_ms: Optional[int] = Field(None, ge=1, le=3_600_000)
+    # Also return per-step rewards (`results[i].steps`), e.g. {"steps": {"separator": "\n\n"}} (JSON).
+    aggregate: Optional[AggregateConfig] = None
+    # When an item is longer than the RM takes: "left_prompt" (default) cuts the prompt (or the oldest messages)
+    # from the left and flags `prompt_truncated`; "error" answers 413 instead. A response that alone does not fit is
+    # always 413 here (rewards are owed to every response token); the scalar shims cut it instead.
+    truncation: Literal["left_prompt", "error"] = "left_prompt"
 
 
 class ItemError(BaseModel):
@@ -429,6 +481,19 @@ class TokenAttributions(BaseModel):
     exact: Optional[bool] = None
 
 
+class StepReward(BaseModel):
+    """One step of the response (`aggregate.steps`). A token belongs to the step holding its first character; a
+    token with no characters (a special token) to the step of the character before it (the first step at 0)."""
+
+    # Characters [start, end) of the response; the steps cover it, in order, without gaps.
+    span: Tuple[int, int]
+    # Entries [first, end) of token_rewards that belong to this step (empty when a token that starts in an earlier
+    # step covers it).
+    tokens: Tuple[int, int]
+    # Σ token_rewards[first:end]; the steps' rewards sum to the score.
+    reward: float
+
+
 class ItemResult(BaseModel):
     """Dense rewards of one item."""
 
@@ -447,9 +512,14 @@ class ItemResult(BaseModel):
     attributions: Optional[Dict[str, TokenAttributions]] = None
     # The shap estimator that ran: "exact" (all 2^T coalitions, when they fit in the budget) or the sampler's name.
     shap_estimator: Optional[str] = None
+    # The credit head version that produced the shap values ("amortized" estimators); None when none did (also when
+    # the server fell back to the permutation estimator because the head's audited fidelity is too low).
+    credit_head_version: Optional[int] = None
     # Response tokens as the RM saw them, and whether the prompt had to be cut from the left to fit.
     rm_tokens: Optional[int] = None
     prompt_truncated: bool = False
+    # Per-step rewards, on request (`aggregate.steps`).
+    steps: Optional[List[StepReward]] = None
     error: Optional[ItemError] = None
 
 
@@ -524,3 +594,68 @@ class ErrorResponse(BaseModel):
     """Body of every 4xx/5xx answer."""
 
     error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------------------- admin API
+class ShapingVersion(BaseModel):
+    """One stored version of a deployment's shaping weights (`GET`/`PUT /admin/v1/shaping`, and each history entry).
+
+    Versions are immutable and numbered 1, 2, ... per deployment; the current one is the highest. A PUT must send
+    the current version's `etag` as `If-Match`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    version: int
+    weights: Dict[str, float]
+    # ISO 8601, UTC, milliseconds: when the version was written.
+    updated_at: str
+    # Who wrote it, as the writer said (free text, e.g. "bo study.json trial 7").
+    updated_by: Optional[str] = None
+    # Whose version this is: `[name/]rm@revision` (versions are numbered per deployment); None from older servers.
+    deployment: Optional[str] = None
+
+    @property
+    def etag(self) -> str:
+        """The ETag of this version, what a PUT sends as `If-Match`: `"v3"`."""
+        return etag(self.version)
+
+    def shaping_weights(self) -> ShapingWeights:
+        return ShapingWeights.model_validate(self.weights)
+
+
+class ShapingHistory(BaseModel):
+    """Body of `GET /admin/v1/shaping/history`: every version of the deployment, oldest first."""
+
+    versions: List[ShapingVersion]
+    deployment: Optional[str] = None
+
+
+class ShapingUpdate(_Strict):
+    """Body of `PUT /admin/v1/shaping`: new simplex weights (validated like a request's weights)."""
+
+    weights: ShapingWeights
+    updated_by: Optional[str] = Field(None, max_length=200)
+
+
+def etag(version: int) -> str:
+    """The ETag of a shaping version: `etag(3) == '"v3"'`."""
+    return f'"v{int(version)}"'
+
+
+def version_of_etag(tag: Optional[str]) -> Optional[int]:
+    """The version an ETag names: '"v3"' (or W/"v3", or v3) → 3; anything else → None."""
+    tag = (tag or "").strip().removeprefix("W/").strip('"')
+    digits = tag[1:]
+    # isascii: str.isdigit also accepts characters such as "²" that int() refuses.
+    return int(digits) if tag.startswith("v") and digits.isascii() and digits.isdigit() else None
+
+
+def version_of_if_match(value: str) -> Optional[int]:
+    """An `If-Match` header's version: the first ETag of the list that names one; '*' (any version) → -1; else None."""
+    for part in value.split(","):
+        if part.strip().removeprefix("W/").strip('"') == "*":
+            return -1
+        version = version_of_etag(part)
+        if version is not None:
+            return version
+    return None

@@ -9,20 +9,19 @@ component this RM cannot compute (`prefix` on an encoder) are a 422. Until the R
 from __future__ import annotations
 
 import hmac
-from typing import List, Optional
+from typing import Optional
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import error_response
-from service.shaping_store import ShapingRecord, StaleVersion
-from tokencredit.types import ErrorResponse, ShapingWeights
+from service.shaping_store import StaleVersion
+from tokencredit.types import ErrorResponse, ShapingHistory, ShapingUpdate, ShapingVersion, etag, version_of_if_match
 
 __all__ = ["router", "AdminError", "handle_admin_error"]
 
-_bearer = HTTPBearer(auto_error=False, description="TOKENCREDIT_ADMIN_TOKEN")
+_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="TOKENCREDIT_ADMIN_TOKEN")
 
 
 class AdminError(Exception):
@@ -37,9 +36,15 @@ async def handle_admin_error(request: Request, exc: AdminError):
 
 def require_admin(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
     token = request.app.state.settings.admin_token
-    if token is None or not token.get_secret_value():
+    disabled = token is None or not token.get_secret_value()
+    if credentials is None:
+        # No credentials is 401 whether or not the API is on (RFC 9110; the schema says so); 403 is for a caller
+        # who did authenticate, to a server whose admin API is off.
+        note = " (and this server's admin API is disabled: set TOKENCREDIT_ADMIN_TOKEN to enable it)" if disabled else ""
+        raise AdminError(401, "unauthorized", "missing bearer token" + note, headers={"WWW-Authenticate": "Bearer"})
+    if disabled:
         raise AdminError(403, "admin_disabled", "the admin API is disabled: set TOKENCREDIT_ADMIN_TOKEN to enable it")
-    given = credentials.credentials if credentials is not None else ""
+    given = credentials.credentials
     # Constant time; neither token ever goes into a message or a log line.
     if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise AdminError(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -49,46 +54,9 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 412, 422, 428, 
 router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)], responses=_ERRORS)
 
 
-class ShapingVersion(BaseModel):
-    version: int
-    weights: dict[str, float]
-    updated_at: str
-    updated_by: Optional[str] = None
-    # Whose version this is: `[name/]rm@revision` (see service.shaping_store.Deployment).
-    deployment: Optional[str] = None
-
-
-class ShapingHistory(BaseModel):
-    versions: List[ShapingVersion]
-    deployment: Optional[str] = None
-
-
-class ShapingUpdate(BaseModel):
-    """Body of `PUT /admin/v1/shaping`: new simplex weights (validated like a request's weights)."""
-
-    model_config = ConfigDict(extra="forbid")
-    weights: ShapingWeights
-    updated_by: Optional[str] = Field(None, max_length=200)
-
-
-def _etag(version: int) -> str:
-    return f'"v{version}"'
-
-
-def _parse_if_match(value: str) -> Optional[int]:
-    """'"v3"' (or W/"v3", v3) → 3; '*' → -1; anything else → None."""
-    for part in value.split(","):
-        tag = part.strip().removeprefix("W/").strip('"')
-        if tag == "*":
-            return -1
-        if tag.startswith("v") and tag[1:].isdigit():
-            return int(tag[1:])
-    return None
-
-
-def _answer(record: ShapingRecord, response: Response, deployment: str) -> ShapingVersion:
-    response.headers["ETag"] = _etag(record.version)
-    return ShapingVersion(**record.as_dict(), deployment=deployment)
+def _answer(record: ShapingVersion, response: Response) -> ShapingVersion:
+    response.headers["ETag"] = record.etag
+    return record
 
 
 @router.get("/shaping", response_model=ShapingVersion)
@@ -96,7 +64,7 @@ async def get_shaping(request: Request, response: Response) -> ShapingVersion:
     """This deployment's current shaping weights, their version (also as the ETag), when and by whom they were set."""
     state = request.app.state.shaping
     store = state.store
-    return _answer(await run_in_threadpool(store.current), response, state.deployment.key)
+    return _answer(await run_in_threadpool(store.current), response)
 
 
 @router.put("/shaping", response_model=ShapingVersion)
@@ -106,7 +74,7 @@ async def put_shaping(
     """New weights as a new version, if `If-Match` holds the current ETag (412 if stale, 428 if absent)."""
     if not if_match:
         raise AdminError(428, "precondition_required", 'If-Match is required: send the ETag of GET /admin/v1/shaping (e.g. "v3")', field="If-Match")
-    expected = _parse_if_match(if_match)
+    expected = version_of_if_match(if_match)
     if expected is None:
         raise AdminError(412, "precondition_failed", f'If-Match {if_match!r} is not an ETag of the form "v<version>"', field="If-Match")
     state = request.app.state.shaping
@@ -127,9 +95,9 @@ async def put_shaping(
     except StaleVersion as exc:
         raise AdminError(
             412, "precondition_failed", f"stale ETag {if_match}: the current version is {exc.current}; GET it and retry",
-            field="If-Match", headers={"ETag": _etag(exc.current)},
+            field="If-Match", headers={"ETag": etag(exc.current)},
         ) from None
-    return _answer(record, response, state.deployment.key)
+    return _answer(record, response)
 
 
 @router.get("/shaping/history", response_model=ShapingHistory)
@@ -137,6 +105,4 @@ async def shaping_history(request: Request) -> ShapingHistory:
     """Every version of this deployment, oldest first, with who set it and when."""
     state = request.app.state.shaping
     store = state.store
-    records = await run_in_threadpool(store.history)
-    key = state.deployment.key
-    return ShapingHistory(versions=[ShapingVersion(**r.as_dict(), deployment=key) for r in records], deployment=key)
+    return ShapingHistory(versions=await run_in_threadpool(store.history), deployment=state.deployment.key)

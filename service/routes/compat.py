@@ -8,20 +8,27 @@
   reads as `data[-1]["probs"][-1]`.
 
 Scores come from one RM forward per item (weights `sparse=1` explain nothing), so these routes are cheap.
+
+Long inputs are cut, never refused (a refusal becomes a `None` reward that crashes the trainer's step): the end
+of a long response, as OpenRLHF's own RM server does, and a long prompt from the left. Each cut is counted in
+`tokencredit_truncated_total{endpoint, part}` and flagged in the answer (`extra_logs.truncated`, `truncated`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from service.deps import ExecutorDep
 from service.errors import error_response
+# The SDK's split of OpenRLHF's query into (prompt, response): the file-loaded reward function and this route agree.
+from tokencredit.adapters.openrlhf import response_of
 from tokencredit.types import DenseRewardItem, DenseRewardsRequest, ErrorResponse, ShapingWeights
 
 router = APIRouter(tags=["compat"])
@@ -46,6 +53,7 @@ class OpenRLHFRewardResponse(BaseModel):
 
     rewards: List[float]
     scores: List[float]
+    # `rm_score` (the score) and `truncated` (1.0 when the query was cut to fit the RM, else 0.0).
     extra_logs: Dict[str, List[float]]
 
 
@@ -56,7 +64,7 @@ class ClassifyRequest(BaseModel):
     model: Optional[str] = None
     input: Union[str, List[str]]
     # False (what verl sends): the raw score; True: its sigmoid.
-    use_activation: bool = False
+    use_activation: StrictBool = False
 
 
 class ClassificationData(BaseModel):
@@ -64,6 +72,8 @@ class ClassificationData(BaseModel):
     label: str
     probs: List[float]
     num_classes: int
+    # TokenCredit's addition (vLLM readers ignore it): the input was cut to fit the RM.
+    truncated: bool = False
 
 
 class ClassifyUsage(BaseModel):
@@ -80,67 +90,111 @@ class ClassifyResponse(BaseModel):
     usage: ClassifyUsage
 
 
-def _response_text(query: str, prompt: Optional[str]) -> tuple[str, str]:
-    # OpenRLHF's query is decode(prompt + response) and its prompt the formatted prompt: the response is the rest.
-    if prompt and query.startswith(prompt):
-        return prompt, query[len(prompt):]
-    return "", query
+def _fit_response(engine, response: str) -> Tuple[str, bool]:
+    """The start of `response` that fits the engine's limits (characters, then RM tokens), and whether it was cut.
+
+    OpenRLHF's own RM server tokenizes the whole query with `truncation=True, max_length=--max_len` and the
+    tokenizer's default right side (`openrlhf/cli/serve_rm.py`), so it scores the start of a long response; so do
+    these shims, up to `max_response_tokens` RM tokens. A long prompt is cut from the left by the engine, as on
+    `/v1/dense_rewards` (OpenRLHF would cut the response away instead).
+    """
+    limits, tokenizer = engine.limits, engine.model.tokenizer
+    cut = len(response) > limits.max_response_chars
+    response = response[: limits.max_response_chars]
+    keep = limits.max_response_tokens
+    offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    while len(offsets) > limits.max_response_tokens and keep > 0:
+        # Re-tokenizing a cut text can merge differently at the cut: one token fewer until it fits.
+        response, cut, keep = response[: offsets[keep - 1][1]], True, keep - 1
+        offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return response, cut
 
 
-async def _scores(executor, pairs: List[tuple[str, str]]):
-    """RM scores of (prompt, response) pairs, in chunks within the item limit; an error response on failure."""
+def _fit_all(engine, pairs: List[Tuple[str, str]]) -> Tuple[List[Tuple[str, str]], List[bool], List[int]]:
+    fitted, cut, counts = [], [], []
+    for prompt, response in pairs:
+        text, was_cut = _fit_response(engine, response)
+        fitted.append((prompt, text))
+        cut.append(was_cut)
+        counts.append(engine.model.count_response_tokens(text))
+    return fitted, cut, counts
+
+
+async def _scores(executor, pairs: List[Tuple[str, str]], metrics=None, endpoint: str = ""):
+    """RM scores of (prompt, response) pairs, in chunks within the item and token limits, each long response cut to
+    fit (`_fit_response`): ((scores, RM tokens, truncated flags), None), or (None, an error response)."""
+    engine = executor.engine
+    if engine is None:  # not ready: the executor answers 503 with Retry-After
+        await executor.run(DenseRewardsRequest(items=[DenseRewardItem(prompt="", response="x")], weights=_SCALAR), _SCALAR)
+    pairs, response_cut, counts = await asyncio.to_thread(_fit_all, engine, pairs)
+    limits = engine.limits
     scores: List[float] = []
+    truncated: List[bool] = []
     tokens = 0
-    limit = executor.engine.limits.max_items if executor.engine is not None else max(1, len(pairs))
-    for start in range(0, len(pairs), limit):
-        part = pairs[start:start + limit]
+    start = 0
+    while start < len(pairs):
+        stop, total = start, 0
+        while stop < len(pairs) and stop - start < limits.max_items and (stop == start or total + counts[stop] <= limits.max_total_tokens):
+            total += counts[stop]
+            stop += 1
         items = []
-        for k, (p, r) in enumerate(part):
+        for k in range(start, stop):
+            p, r = pairs[k]
             try:
-                items.append(DenseRewardItem(id=str(start + k), prompt=p, response=r))
+                items.append(DenseRewardItem(id=str(k), prompt=p, response=r))
             except ValueError as exc:  # pydantic: e.g. an empty response
                 message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-                where = f"query[{start + k}]"
+                where = f"query[{k}]"
                 return None, error_response(422, "invalid_request", f"{where}: {message}", field=where)
-        request = DenseRewardsRequest(items=items, weights=_SCALAR)
-        output = await executor.run(request, _SCALAR)
-        for k, result in enumerate(output.results):
+        output = await executor.run(DenseRewardsRequest(items=items, weights=_SCALAR), _SCALAR)
+        for k, result in zip(range(start, stop), output.results):
             if result.error is not None or result.score is None:
                 code, message = (result.error.code, result.error.message) if result.error else ("explain_failed", "no score")
-                return None, error_response(500, code, f"query[{start + k}]: {message}", field=f"query[{start + k}]", retryable=True)
+                return None, error_response(500, code, f"query[{k}]: {message}", field=f"query[{k}]", retryable=True)
             scores.append(float(result.score))
             tokens += result.rm_tokens or 0
-    return (scores, tokens), None
+            truncated.append(response_cut[k] or result.prompt_truncated)
+            if metrics is not None:
+                for part, was_cut in (("response", response_cut[k]), ("prompt", result.prompt_truncated)):
+                    if was_cut:
+                        metrics.truncated.labels(endpoint, part).inc()
+        start = stop
+    return (scores, tokens, truncated), None
 
 
 @router.post("/openrlhf/get_reward", response_model=OpenRLHFRewardResponse, responses=_ERRORS)
-async def openrlhf_get_reward(request: OpenRLHFRewardRequest, executor: ExecutorDep):
-    """OpenRLHF remote reward: `rewards` = `scores` = the RM score of each `query`."""
+async def openrlhf_get_reward(request: OpenRLHFRewardRequest, executor: ExecutorDep, http: Request):
+    """OpenRLHF remote reward: `rewards` = `scores` = the RM score of each `query`; a query longer than the RM
+    takes is cut (`extra_logs.truncated` = 1), never refused."""
     n = len(request.query)
     for name in ("prompts", "labels"):
         value = getattr(request, name)
         if value is not None and len(value) != n:
             return error_response(422, "invalid_request", f"{name}: {len(value)} entries for {n} queries; the lists must be parallel", field=name)
     if n == 0:
-        return OpenRLHFRewardResponse(rewards=[], scores=[], extra_logs={"rm_score": []})
+        return OpenRLHFRewardResponse(rewards=[], scores=[], extra_logs={"rm_score": [], "truncated": []})
     prompts = request.prompts or [None] * n
-    done, error = await _scores(executor, [_response_text(q, p) for q, p in zip(request.query, prompts)])
+    pairs = [response_of(q, p) for q, p in zip(request.query, prompts)]
+    done, error = await _scores(executor, pairs, http.app.state.metrics, "/openrlhf/get_reward")
     if error is not None:
         return error
-    scores, _ = done
-    return OpenRLHFRewardResponse(rewards=scores, scores=scores, extra_logs={"rm_score": scores})
+    scores, _, truncated = done
+    return OpenRLHFRewardResponse(
+        rewards=scores, scores=scores, extra_logs={"rm_score": scores, "truncated": [float(t) for t in truncated]}
+    )
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
-async def classify(request: ClassifyRequest, executor: ExecutorDep):
-    """vLLM-style classification: one `probs` entry per input, holding the raw RM score."""
+async def classify(request: ClassifyRequest, executor: ExecutorDep, http: Request):
+    """vLLM-style classification: one `probs` entry per input, holding the raw RM score; an input longer than the
+    RM takes is cut (`truncated: true`), never refused."""
     texts = [request.input] if isinstance(request.input, str) else list(request.input)
     if not texts:
         return error_response(422, "invalid_request", "input: give at least one text", field="input")
-    done, error = await _scores(executor, [("", t) for t in texts])
+    done, error = await _scores(executor, [("", t) for t in texts], http.app.state.metrics, "/classify")
     if error is not None:
         return error.__class__(status_code=error.status_code, content=_rename(error.body, "query", "input"))
-    scores, tokens = done
+    scores, tokens, truncated = done
     if request.use_activation:
         scores = [1.0 / (1.0 + math.exp(-s)) for s in scores]
     name = request.model or executor.engine.model_info().name
@@ -148,7 +202,10 @@ async def classify(request: ClassifyRequest, executor: ExecutorDep):
         id=f"classify-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=name,
-        data=[ClassificationData(index=i, label="score", probs=[s], num_classes=1) for i, s in enumerate(scores)],
+        data=[
+            ClassificationData(index=i, label="score", probs=[s], num_classes=1, truncated=t)
+            for i, (s, t) in enumerate(zip(scores, truncated))
+        ],
         usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens),
     )
 

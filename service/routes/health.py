@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from service.deps import ExecutorDep, ShapingDep
 from service.errors import error_response
-from tokencredit.types import Component, ErrorResponse, InfoResponse
+from service.security import require_api_token
+from tokencredit.types import ErrorResponse, InfoResponse
+from workers.registry import computable_components
 from workers.shaping import NORMALIZATIONS
 
 router = APIRouter(tags=["health"])
@@ -28,7 +30,8 @@ async def readyz(executor: ExecutorDep):
     return JSONResponse({"status": "ready", "model": executor.engine.model_info().model_dump()})
 
 
-@router.get("/v1/info", response_model=InfoResponse, responses={503: {"model": ErrorResponse}})
+@router.get("/v1/info", response_model=InfoResponse, responses={code: {"model": ErrorResponse} for code in (401, 503)},
+            dependencies=[Depends(require_api_token)])
 async def info(executor: ExecutorDep, shaping: ShapingDep):
     """The model, the components, the request limits and the current shaping weights."""
     if not executor.ready:
@@ -36,7 +39,7 @@ async def info(executor: ExecutorDep, shaping: ShapingDep):
     engine = executor.engine
     return InfoResponse(
         model=engine.model_info(),
-        components=[c.value for c in Component if c is not Component.prefix or engine.model.reads_last_position],
+        components=computable_components(engine.model),
         limits=engine.limits,
         shaping=shaping.info(),
         normalization=NORMALIZATIONS[0],

@@ -1,36 +1,86 @@
-"""verl adapters (written against verl v0.9.0; `verl` is imported only by the reward-manager classes).
+"""verl adapters, tested against verl 0.9.1 (`tests/test_adapters_verl.py` runs verl's own reward loop and agent
+loop in `.venv-verl`). `verl` is imported only when a verl-specific class is first used.
 
 Tier S: `reward.custom_reward_function.path=<this file>` and `reward.custom_reward_function.name=compute_score`
-(`custom_reward_function.*` before v0.9). verl auto-detects the `async def` and awaits it per sample.
-The URL comes from `TOKENCREDIT_URL`; the prompt, when verl's `extra_info` carries one, from `extra_info["prompt"]`
-(else the response is scored alone).
+(async; verl's reward loop awaits it per sample), or `name=compute_score_sync` for the legacy batch managers
+(`verl.workers.reward_manager`), which call the function synchronously.
 
-Tier D: `reward.reward_manager.source=importlib`, `reward.reward_manager.module.path=<this file>`,
-`reward.reward_manager.name=DenseRewardManager` (v0.8+, reward loop; `assemble_rm_scores` writes the vector), or
-`LegacyDenseRewardManager` with `reward_model.use_reward_loop=False` (≤ v0.7.0). Both produce the (bs, R)
-`rm_scores` layout with `dense_rm_scores`: reward k on response token k, zeros under `response_mask == 0`.
+Tier D (dense, the default agent-loop path):
+    actor_rollout_ref.rollout.agent.agent_loop_manager_class=tokencredit.adapters.verl.DenseAgentLoopManager
+    reward.reward_manager.source=importlib reward.reward_manager.module.path=<this file>
+    reward.reward_manager.name=DenseRewardManager
+`DenseRewardManager.run_single` returns one reward per response position (0 on tool tokens); the agent loop's
+own post-processing would write a scalar at the last token, so `DenseAgentLoopWorker` writes the vector into
+`rm_scores` instead: reward k on response token k, no shift.
+
+The prompt comes from verl's `raw_prompt` (the chat messages the policy saw), sent as `messages` so the service
+renders it with the RM's chat template; without it, from `extra_info["prompt"]` or the decoded prompt ids.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from tokencredit.adapters import lazy_classes
 from tokencredit.client import AsyncClient, Client
 
-__all__ = ["compute_score", "dense_rm_scores", "DenseRewardManager", "LegacyDenseRewardManager"]
+__all__ = ["compute_score", "compute_score_sync", "dense_rm_scores", "DenseRewardManager", "DenseAgentLoopWorker",
+           "DenseAgentLoopManager", "LegacyDenseRewardManager"]
+
+logger = logging.getLogger(__name__)
 
 _async_client: Optional[AsyncClient] = None
 _sync_client: Optional[Client] = None
+# The agent loop hands its unpadded response mask to the reward manager under this `extra_fields` key (verl's
+# streaming reward path sends no `response_mask`), and gets the dense row back under the other.
+_MASK_KEY = "tokencredit_response_mask"
+_ROW_KEY = "tokencredit_token_rewards"
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+_warned_no_prompt = False
 
 
 def _url() -> str:
     return os.environ.get("TOKENCREDIT_URL", "http://127.0.0.1:8000")
 
 
+def _sync() -> Client:
+    global _sync_client
+    if _sync_client is None:
+        _sync_client = Client(_url())
+    return _sync_client
+
+
+def chat_messages(raw_prompt: Any) -> List[Dict[str, Any]]:
+    """verl's `raw_prompt` (a list or numpy array of message dicts) as plain OpenAI-style messages.
+
+    Keys the service does not know (verl datasets may carry e.g. `loss_mask`) are dropped, as are None values.
+    """
+    messages = []
+    for message in list(raw_prompt):
+        message = dict(message)
+        messages.append({k: message[k] for k in _MESSAGE_KEYS if message.get(k) is not None})
+    return messages
+
+
+def _score_item(solution_str: str, extra_info: Any) -> Dict[str, Any]:
+    """The item `compute_score` sends: the conversation when verl passes `raw_prompt`, else prompt + response."""
+    global _warned_no_prompt
+    info = extra_info if isinstance(extra_info, dict) else {}
+    # On the agent-loop path verl merges the loop's extra fields, `raw_prompt` among them, into `extra_info`.
+    if info.get("raw_prompt") is not None:
+        return {"messages": chat_messages(info["raw_prompt"]) + [{"role": "assistant", "content": solution_str}]}
+    if info.get("prompt") is None and not _warned_no_prompt:
+        _warned_no_prompt = True
+        logger.warning("tokencredit: neither extra_info['raw_prompt'] nor extra_info['prompt']: responses are scored "
+                       "without their prompt")
+    return {"prompt": str(info.get("prompt", "")), "response": solution_str}
+
+
 async def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> Dict[str, Any]:
-    """verl custom reward function (tier S): the RM score of `solution_str`.
+    """verl custom reward function (tier S, reward loop): the RM score of `solution_str` after its prompt.
 
     Returns:
         `{"score": float}`. A failure raises (verl's `limit` manager would otherwise turn it into a 0.0 reward).
@@ -39,8 +89,13 @@ async def compute_score(data_source, solution_str, ground_truth, extra_info=None
     if _async_client is None:
         # One client per worker process; it keeps one connection pool per event loop.
         _async_client = AsyncClient(_url())
-    prompt = str((extra_info or {}).get("prompt", "")) if isinstance(extra_info, dict) else ""
-    [score] = await _async_client.scores([{"prompt": prompt, "response": solution_str}], on_error="raise")
+    [score] = await _async_client.scores([_score_item(solution_str, extra_info)], on_error="raise")
+    return {"score": float(score)}
+
+
+def compute_score_sync(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> Dict[str, Any]:
+    """`compute_score` for verl's legacy batch managers, which call the reward function synchronously."""
+    [score] = _sync().scores([_score_item(solution_str, extra_info)], on_error="raise")
     return {"score": float(score)}
 
 
@@ -78,77 +133,171 @@ def dense_rm_scores(token_rewards: Sequence[Optional[Sequence[float]]], response
     return out
 
 
-def _response_mask(data):
-    # A TensorDict's get() without a default raises in some tensordict versions: test membership instead.
-    return data.batch["response_mask"] if "response_mask" in data.batch.keys() else None
+def _response_masks(data):
+    """Per sample, the response mask (1 = policy token): the batch's, the agent loop's (handed over in
+    `tool_extra_fields`), or all ones."""
+    import torch
+
+    responses = data.batch["responses"]
+    if "response_mask" in data.batch.keys():  # TensorDict.get without a default raises in some versions
+        return data.batch["response_mask"]
+    masks = torch.ones_like(responses)
+    extra = data.non_tensor_batch.get("tool_extra_fields")
+    for b in range(responses.shape[0]):
+        fields = extra[b] if extra is not None else None
+        if isinstance(fields, dict) and fields.get(_MASK_KEY) is not None:
+            given = torch.tensor(list(fields[_MASK_KEY]), dtype=responses.dtype)[: responses.shape[1]]
+            masks[b, : len(given)] = given
+    return masks
 
 
 def _policy_items(data, tokenizer) -> tuple:
-    """(items, per-sample policy ids) from a DataProto: the policy's own response ids where the mask is 1."""
+    """(items, valid lengths) from a DataProto: the policy's own response ids where the mask is 1, after the
+    conversation verl rendered for the policy (`raw_prompt`) or, without it, the decoded prompt ids."""
     responses = data.batch["responses"]
-    mask = _response_mask(data)
+    mask = _response_masks(data)
     prompt_len = data.batch["prompts"].shape[-1]
     valid = data.batch["attention_mask"][:, prompt_len:].sum(-1)
+    raw_prompts = data.non_tensor_batch.get("raw_prompt")
     items = []
     for b in range(responses.shape[0]):
-        keep = (mask[b] if mask is not None else responses[b].new_ones(responses[b].shape)).bool()
+        keep = mask[b].bool().clone()
         keep[int(valid[b]):] = False
         ids = responses[b][keep].tolist()
-        prompt_ids = data.batch["prompts"][b][data.batch["attention_mask"][b, :prompt_len].bool()].tolist()
-        items.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True), "response_token_ids": ids})
-    return items, valid
+        if raw_prompts is not None:
+            # The client decodes `ids` (special tokens skipped) into the assistant message's text.
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            messages = chat_messages(raw_prompts[b]) + [{"role": "assistant", "content": text}]
+            items.append({"messages": messages, "response_token_ids": ids})
+        else:
+            prompt_ids = data.batch["prompts"][b][data.batch["attention_mask"][b, :prompt_len].bool()].tolist()
+            items.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True), "response_token_ids": ids})
+    return items, valid, mask
 
 
-def _dense(data, tokenizer) -> List:
-    global _sync_client
-    if _sync_client is None:
-        _sync_client = Client(_url())
-    items, valid = _policy_items(data, tokenizer)
-    results = _sync_client.dense_rewards(items, tokenizer=tokenizer)
-    mask = _response_mask(data)
-    mask = mask if mask is not None else data.batch["responses"].new_ones(data.batch["responses"].shape)
-    return dense_rm_scores([None if r is None else r.token_rewards for r in results], mask, valid)
+def _dense(data, tokenizer):
+    """`(bs, R)` dense rewards for a DataProto (R = its `responses` width) and the per-sample RM scores."""
+    items, valid, mask = _policy_items(data, tokenizer)
+    results = _sync().dense_rewards(items, tokenizer=tokenizer)
+    rows = [None if r is None else r.token_rewards for r in results]
+    return dense_rm_scores(rows, mask, valid), [None if r is None else r.score for r in results]
 
 
 def _classes():
-    from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase  # v0.8+
+    import asyncio
+
+    import torch
+    from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
     class DenseRewardManager(RewardManagerBase):
-        """Reward-loop manager: `reward_score` is the per-token list; `assemble_rm_scores` writes it as-is."""
+        """Reward-loop manager: `reward_score` is one reward per response position (reward k on token k).
+
+        Constructed by verl's `load_reward_manager(config, tokenizer, compute_score, **reward_kwargs)`; the reward
+        loop adds `reward_router_address` and `reward_model_tokenizer` (unused here: the service is the RM).
+        """
+
+        def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
+                     reward_model_tokenizer=None, **kwargs):
+            super().__init__(config, tokenizer, compute_score)
 
         async def run_single(self, data) -> Dict[str, Any]:
-            import asyncio
-
-            dense = await asyncio.to_thread(_dense, data[-1:], self.tokenizer)
-            row = dense[0]
-            return {"reward_score": row.tolist(), "reward_extra_info": {"tokencredit_score": float(row.nansum())}}
+            dense, [score] = await asyncio.to_thread(_dense, data[-1:], self.tokenizer)
+            return {"reward_score": dense[0].tolist(), "reward_extra_info": {"tokencredit_score": float(score)}}
 
         @classmethod
         def assemble_rm_scores(cls, data, scores):
-            import torch
-
+            # The colocated path (RewardLoopManager.compute_rm_score): each row already spans the padded width.
             return torch.tensor(scores, dtype=torch.float32)
 
     return DenseRewardManager
 
 
+def _worker_class():
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    class DenseAgentLoopWorker(AgentLoopWorker):
+        """verl's agent-loop worker, with a per-token `reward_score` from the reward loop written into `rm_scores`.
+
+        Stock verl keeps one float per trajectory and scatters it at the last valid token; a list there would
+        fail its pydantic model. The row travels in `extra_fields` instead, with its sum as the scalar.
+        """
+
+        async def _compute_score(self, outputs, kwargs):
+            final = outputs[-1]
+            final.extra_fields[_MASK_KEY] = list(final.response_mask)
+            try:
+                await super()._compute_score(outputs, kwargs)
+            finally:
+                final.extra_fields.pop(_MASK_KEY, None)
+            if isinstance(final.reward_score, (list, tuple)):
+                row = [float(v) for v in final.reward_score]
+                final.extra_fields[_ROW_KEY] = row
+                final.reward_score = math.fsum(row)
+
+        def _postprocess(self, inputs, input_non_tensor_batch=None, validate=False):
+            import torch
+
+            rows = [inp.extra_fields.pop(_ROW_KEY, None) for inp in inputs]
+            out = super()._postprocess(inputs, input_non_tensor_batch=input_non_tensor_batch, validate=validate)
+            if all(row is None for row in rows):
+                return out
+            if any(row is None for row in rows):
+                raise ValueError("tokencredit: some trajectories of the batch have dense rewards and some do not")
+            rm_scores = torch.zeros_like(out.batch["responses"], dtype=torch.float32)
+            for b, row in enumerate(rows):
+                n = min(len(row), rm_scores.shape[1])
+                rm_scores[b, :n] = torch.tensor(row[:n], dtype=torch.float32)
+            out.batch["rm_scores"] = rm_scores
+            return out
+
+    _importable(DenseAgentLoopWorker)
+    return DenseAgentLoopWorker
+
+
+def _manager_class():
+    import ray
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
+
+    import tokencredit.adapters.verl as this
+
+    class DenseAgentLoopManager(AgentLoopManager):
+        """verl's agent-loop manager with `DenseAgentLoopWorker` workers (verl keeps a preset workers class)."""
+
+        def __init__(self, *args, **kwargs):
+            self.agent_loop_workers_class = ray.remote(this.DenseAgentLoopWorker)
+            super().__init__(*args, **kwargs)
+
+    _importable(DenseAgentLoopManager)
+    return DenseAgentLoopManager
+
+
+def _importable(cls) -> None:
+    # Ray pickles actor classes by reference when `module.qualname` finds the same object: the worker process
+    # then imports this module and rebuilds the class, instead of unpickling a copy of a closure.
+    if __name__ == "tokencredit.adapters.verl":
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+
+
 def _legacy_class():
-    from verl.workers.reward_manager.abstract import AbstractRewardManager  # ≤ v0.7.0
+    from verl.workers.reward_manager.abstract import AbstractRewardManager
 
     class LegacyDenseRewardManager(AbstractRewardManager):
-        """Batch manager (`reward_model.use_reward_loop=False`): returns the dense `reward_tensor` directly."""
+        """Batch manager (`verl.workers.reward_manager`): returns the dense `reward_tensor` directly."""
 
         def __init__(self, tokenizer, num_examine=0, compute_score=None, reward_fn_key="data_source", **kwargs):
             self.tokenizer = tokenizer
 
         def __call__(self, data, return_dict: bool = False):
-            tensor = _dense(data, self.tokenizer)
+            tensor, scores = _dense(data, self.tokenizer)
             if return_dict:
-                return {"reward_tensor": tensor, "reward_extra_info": {"tokencredit_score": tensor.nansum(-1).tolist()}}
+                return {"reward_tensor": tensor, "reward_extra_info": {"tokencredit_score": scores}}
             return tensor
 
     return LegacyDenseRewardManager
 
 
-# verl loads the manager class by name from this file; built then, so compute_score never imports verl.
-__getattr__ = lazy_classes(__name__, globals(), {"DenseRewardManager": _classes, "LegacyDenseRewardManager": _legacy_class})
+# verl loads these by name (from this file, or by `module.Class` path): built then, so compute_score never imports verl.
+__getattr__ = lazy_classes(__name__, globals(), {
+    "DenseRewardManager": _classes, "DenseAgentLoopWorker": _worker_class, "DenseAgentLoopManager": _manager_class,
+    "LegacyDenseRewardManager": _legacy_class,
+})

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 
+from workers.settings import MODEL_FLAGS
+
 __all__ = ["run_worker"]
 
 
@@ -31,8 +33,6 @@ def _child_command(settings, args, index: int) -> list:
     cmd = [sys.executable, "-m", "service.cli", "worker", "--model", str(settings.model), "--broker", settings.broker_url,
            "--queue", settings.queue, "--concurrency", "1", "--pool", "solo", "--log-level", args.log_level,
            "--hostname", f"{args.hostname or 'tokencredit'}-{index}@{socket.gethostname()}"]
-    from service.cli import MODEL_FLAGS
-
     for flag in MODEL_FLAGS:
         value = getattr(args, flag, None)
         if value is not None:

@@ -1,0 +1,2 @@
+class TokensPrompt(dict):
+    """Stand-in (see ../README.md)."""
