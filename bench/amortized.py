@@ -83,6 +83,88 @@ def reference(evaluator, inp, passes: int, seed: int, cache: Path):
     return a, b
 
 
+def finetune_copy(model, train_texts, examples, eval_rows, *, epochs: int = 6, batch: int = 16, seed: int = 0):
+    """Experiment (not served): a FastSHAP-style explainer, a copy of the RM's encoder fine-tuned from the RM's own
+    weights with a per-token linear head, trained on the same labels as the small head (the last 10 % for early
+    stopping). Returns (per-eval-response values, fit seconds, epochs run, seconds per eval response)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    backbone = copy.deepcopy(model.model.base_model).float().train()
+    hidden = backbone.config.hidden_size
+    head = nn.Linear(hidden, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    scale = float(np.std(np.concatenate([e.target for e in examples])))
+    items = [(model.encode(PROMPT, t), e) for t, e in zip(train_texts, examples)]
+    n_val = max(1, len(items) // 10)
+    train, val = items[:-n_val], items[-n_val:]
+
+    def forward(batch_items, grad: bool):
+        L = max(len(inp.input_ids) for inp, _ in batch_items)
+        B = len(batch_items)
+        ids = np.zeros((B, L), dtype=np.int64)
+        types = np.zeros((B, L), dtype=np.int64)
+        mask = np.zeros((B, L), dtype=np.int64)
+        for i, (inp, _) in enumerate(batch_items):
+            n = len(inp.input_ids)
+            ids[i, :n] = inp.input_ids
+            mask[i, :n] = 1
+            if inp.token_type_ids is not None:
+                types[i, :n] = inp.token_type_ids
+        t = torch.from_numpy
+        with torch.set_grad_enabled(grad):
+            h = backbone(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(types)).last_hidden_state
+            raw = head(h).squeeze(-1) * scale
+            out = []
+            for i, (inp, e) in enumerate(batch_items):
+                v = raw[i, torch.from_numpy(inp.response_positions)]
+                v = v + (e["delta"] if isinstance(e, dict) else e.delta) / len(v)
+                out.append(v + ((e["delta"] if isinstance(e, dict) else e.delta) - v.sum()) / len(v))
+        return out
+
+    params = [{"params": backbone.parameters(), "lr": 5e-5}, {"params": head.parameters(), "lr": 1e-3}]
+    opt = torch.optim.AdamW(params, weight_decay=1e-2)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    best, best_state, epochs_run = float("inf"), None, 0
+    for epoch in range(epochs):
+        backbone.train()
+        order = rng.permutation(len(train))
+        for lo in range(0, len(train), batch):
+            chunk = [train[i] for i in order[lo: lo + batch]]
+            preds = forward(chunk, True)
+            loss = sum(((p - torch.from_numpy(e.target).float()) ** 2).sum() for p, (_, e) in zip(preds, chunk))
+            loss = loss / sum(len(e.target) for _, e in chunk) / scale**2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        backbone.eval()
+        with torch.no_grad():
+            preds = [p for lo in range(0, len(val), 32) for p in forward(val[lo: lo + 32], False)]
+        mse = float(np.mean([np.mean((p.numpy() - e.target) ** 2) for p, (_, e) in zip(preds, val)]))
+        epochs_run = epoch + 1
+        print(f"  fine-tuned copy: epoch {epoch + 1}, validation MSE {mse:.5f}", file=sys.stderr)
+        if mse < best:
+            best, best_state = mse, (copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict()))
+        else:
+            break
+    fit_seconds = time.perf_counter() - start
+    backbone.load_state_dict(best_state[0])
+    head.load_state_dict(best_state[1])
+    backbone.eval()
+    values, seconds = [], []
+    for e in eval_rows:
+        with torch.no_grad():
+            v, s = timed(lambda: forward([(e["inp"], e)], False)[0].double().numpy())
+        values.append(v)
+        seconds.append(s + e["s_features"] + e["s_empty"])  # the copy's pass, the score pass and f(∅)
+    return values, fit_seconds, epochs_run, float(np.mean(seconds))
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -101,6 +183,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON results file (default <cache>/bench-amortized/results.json)")
+    parser.add_argument("--finetune", type=int, default=0,
+                        help="experiment: also fine-tune a copy of the RM's encoder (FastSHAP-style) on this many "
+                             "training responses (0: off; not a served head)")
+    parser.add_argument("--finetune-epochs", type=int, default=6)
     args = parser.parse_args()
     sizes = args.train_sizes or ([100] if args.quick else [100, 300, 1000])
     n_eval = args.eval or (10 if args.quick else 40)
@@ -233,6 +319,17 @@ def main() -> None:
         print(f"train {len(subset)}: head {curve['head']['spearman']:.3f}, head+k {curve['head+k']['spearman']:.3f} "
               f"(fit {s_train:.0f} s)", file=sys.stderr)
 
+    if args.finetune:
+        n = min(args.finetune, len(examples))
+        values, s_fit, epochs_run, s_resp = finetune_copy(model, train_texts[:n], examples[:n], evals,
+                                                          epochs=args.finetune_epochs)
+        for e, v in zip(evals, values):
+            e["finetuned"] = v
+        rho, top, _ = fidelity("finetuned")
+        results["finetuned_copy"] = {"train": n, "rows": 3.0, "seconds": s_resp, "spearman": rho, "top5": top,
+                                     "fit_seconds": s_fit, "epochs": epochs_run}
+        out_path.write_text(json.dumps(results, indent=1))
+
     # -- table ---------------------------------------------------------------------------------------------------
     print(f"\nmodel {results['model']}, {len(evals)} held-out responses of {lo}-{hi} tokens (mean T {mean_T:.1f}), "
           f"reference {ref_passes} stratified passes (split-half {results['split_half']:.3f}), 1 torch thread, "
@@ -247,6 +344,11 @@ def main() -> None:
             m = c[name]
             label = "head alone (amortized)" if name == "head" else "head + 1 pass (amortized+k)"
             print(f"| {label:<36} | {c['train']:>10} | {m['rows']:>9.0f} | {m['seconds']:>7.3f} | {m['spearman']:>8.3f} | {m['top5']:>5.2f} |")
+    if "finetuned_copy" in results:
+        m = results["finetuned_copy"]
+        label = "fine-tuned RM copy (experiment)"
+        print(f"| {label:<36} | {m['train']:>10} | {m['rows']:>9.0f} | {m['seconds']:>7.3f} | {m['spearman']:>8.3f} | {m['top5']:>5.2f} |")
+        print(f"\nfine-tuned copy: fit {m['fit_seconds']:.0f} s, {m['epochs']} epoch(s)")
     print("\ntraining cost per curve point: " + "; ".join(
         f"{c['train']} responses: {c['label_rows']} label rows (~{c['label_minutes_at_this_row_cost']:.1f} min at this "
         f"run's row cost), fit {c['train_seconds']:.0f} s" for c in results["curves"]))

@@ -279,9 +279,12 @@ def _distill(args: argparse.Namespace) -> int:
 def _openapi(args: argparse.Namespace) -> int:
     import yaml
 
+    from service.config import Settings
     from service.main import create_app
 
-    text = yaml.safe_dump(create_app(load_model=False).openapi(), sort_keys=False, allow_unicode=True)
+    # The defaults, not this shell's TOKENCREDIT_* variables: the schema states limits and the token requirement.
+    defaults = Settings.model_construct()
+    text = yaml.safe_dump(create_app(defaults, load_model=False).openapi(), sort_keys=False, allow_unicode=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.write(text)

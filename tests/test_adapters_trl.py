@@ -17,10 +17,14 @@ from tokencredit.adapters import trl as trl_adapter
 
 PROMPTS = [
     [{"role": "user", "content": "How was the movie?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Rate the acting."}]}],
     [{"role": "user", "content": "What a waste of"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Rate the acting."}]}],
     [{"role": "user", "content": "Tell me about your weekend."}],
 ]
+
+# The GRPO dataset: Arrow needs one content type per column, and the policy's template concatenates strings.
+CHAT_DATASET = [PROMPTS[0], PROMPTS[1], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Rate it."}],
+                PROMPTS[3]]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +111,9 @@ def test_reward_func_sends_conversations(url):
                                             {"role": "assistant", "content": "Superb acting."}]}])
         # The roles are read: the same texts as one flattened prompt score differently.
         flat = tc.scores([{"prompt": "How was the movie?", "response": "It was wonderful."}])
-    assert got[0] == pytest.approx(expected[0]) and got[2] == pytest.approx(expected[1])
-    assert flat[0] != pytest.approx(got[0])
+    # (Scores of one item in batches of different sizes differ by float rounding of the padded forward pass.)
+    assert got[0] == pytest.approx(expected[0], abs=1e-5) and got[2] == pytest.approx(expected[1], abs=1e-5)
+    assert abs(flat[0] - got[0]) > 1e-3
 
 
 def _chat_policy(tmp_path):
@@ -153,7 +158,7 @@ def test_dense_grpo_step_on_a_conversational_dataset(url, tmp_path):
     from tokencredit.tokens import decoder_for
 
     model, tok = _chat_policy(tmp_path)
-    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    dataset = Dataset.from_dict({"prompt": CHAT_DATASET})
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
         max_steps=1, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no", bf16=False,
@@ -225,6 +230,9 @@ def test_dense_grpo_step_with_step_rewards(url, tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig
 
+    from tokencredit.results import step_tensor
+    from tokencredit.tokens import decoder_for
+
     model, tok = _chat_policy(tmp_path)
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
@@ -232,16 +240,29 @@ def test_dense_grpo_step_with_step_rewards(url, tmp_path):
     )
     client = Client(url, retry=Retry(attempts=2, base_delay=0.01))
     # A one-character separator that random completions contain: several steps per completion.
-    trainer = trl_adapter.DenseGRPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-                                           processing_class=tok, tokencredit=client, dense_weights=CHEAP,
-                                           aggregate={"steps": {"regex": r"\s"}})
-    outputs = []
-    step = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda inputs: outputs.append(step(inputs)) or outputs[-1]
+    steps = {"steps": {"regex": r"\s"}}
+    trainer = trl_adapter.DenseGRPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"prompt": CHAT_DATASET}),
+                                           processing_class=tok, tokencredit=client, dense_weights=CHEAP, aggregate=steps)
+    seen = {}
+    call_service, score_step = trainer._call_service, trainer._generate_and_score_completions
+
+    def spy_call(prompts, completions, completion_ids, tool_mask, training):
+        seen["generated"] = (prompts, completions, [list(c) for c in completion_ids], tool_mask)
+        return call_service(prompts, completions, completion_ids, tool_mask, training)
+
+    trainer._call_service = spy_call
+    trainer._generate_and_score_completions = lambda inputs: seen.setdefault("out", score_step(inputs))
     trainer.train()
-    dense = outputs[0]["token_rewards"]
-    rows = [i for i in range(dense.shape[0]) if bool(dense[i].abs().sum() > 0)]
-    assert rows
-    # PRM layout: rewards only at the last token of each step; a row still sums to the score.
-    assert bool((dense != 0).sum() <= (outputs[0]["completion_mask"].sum()))
+    prompts, completions, completion_ids, tool_mask = seen["generated"]
+    items, starts = trl_adapter.dense_items(prompts, completions, completion_ids, tool_mask, decoder_for(tok))
+    scorable = [k for k, it in enumerate(items) if it is not None]
+    with Client(url) as fresh:
+        expected = fresh.dense_rewards([items[k] for k in scorable], tokenizer=tok, weights=CHEAP, aggregate=steps)
+    assert any(len(r.steps) > 1 for r in expected), "no completion had more than one step"
+    dense = seen["out"]["token_rewards"]
+    for k, r in zip(scorable, expected):
+        n = len(completion_ids[k])
+        # PRM layout: each step's reward on its last token, 0 elsewhere; the row still sums to the score.
+        assert dense[k, starts[k]:starts[k] + n].tolist() == pytest.approx(step_tensor([r], n)[0].tolist(), abs=1e-6)
+        assert float(dense[k].sum()) == pytest.approx(r.score, abs=1e-5)
     client.close()

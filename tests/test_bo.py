@@ -1,7 +1,7 @@
-"""Bayesian optimisation of the shaping weights (`tokencredit.bo`) and the admin client it pushes them with.
+"""Bayesian optimisation of the shaping weights (`tokencredit.bo`).
 
-Real botorch fits on a synthetic noisy objective; the CLI and the admin client against a real server
-subprocess (tiny encoder RM, admin token) on loopback.
+Real botorch fits on a synthetic noisy objective; the CLI against a real server subprocess (tiny encoder RM, admin
+token) on loopback. The admin client it pushes weights with is tested in `tests/test_sdk_admin.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -27,19 +26,10 @@ import pytest
 pytest.importorskip("botorch")  # installed by the `test` extra (tokencredit[bo])
 import torch  # noqa: E402
 
-from tests.celery_helpers import free_port, stop, wait_ready  # noqa: E402
-from tests.server_helpers import spawn_server  # noqa: E402
+from tests.support import spawn_server, stop, wait_ready  # noqa: E402
 from tokencredit.admin import AdminClient  # noqa: E402
 from tokencredit.bo import BayesOpt, Study  # noqa: E402
 from tokencredit.bo.cli import parse_objective  # noqa: E402
-from tokencredit.errors import (  # noqa: E402
-    AuthError,
-    ConnectError,
-    InvalidRequestError,
-    PreconditionFailedError,
-    PreconditionRequiredError,
-    error_from_response,
-)
 
 torch.set_num_threads(1)
 
@@ -176,90 +166,6 @@ def server(encoder_rm_dir, tmp_path_factory):
     finally:
         stop(proc)
     assert TOKEN not in (tmp / "server.log").read_text(errors="replace")
-
-
-def test_admin_client_errors(server, monkeypatch):
-    url = server["url"]
-    with AdminClient(url, token="wrong") as wrong:
-        with pytest.raises(AuthError) as err:
-            wrong.get_shaping()
-        assert err.value.status == 401 and not err.value.retryable
-    monkeypatch.setenv("TOKENCREDIT_ADMIN_TOKEN", TOKEN)  # the default token
-    with AdminClient(url) as admin:
-        assert TOKEN not in repr(admin)
-        current = admin.get_shaping()
-        assert current.etag == f'"v{current.version}"'
-        with pytest.raises(PreconditionRequiredError) as err:
-            admin.put_shaping({"sparse": 1.0}, if_match=None)
-        assert err.value.status == 428 and err.value.field == "If-Match"
-        with pytest.raises(PreconditionFailedError) as err:
-            admin.put_shaping({"sparse": 1.0}, if_match=current.version + 5)
-        assert err.value.status == 412 and err.value.current_version == current.version
-        with pytest.raises(InvalidRequestError) as err:
-            admin.put_shaping({"sparse": 1.5}, if_match=current.etag)
-        assert err.value.status == 422 and err.value.field == "weights.sparse"
-        with pytest.raises(ValueError, match="simplex"):  # checked before any I/O
-            admin.update_shaping({"sparse": 0.5})
-        assert admin.get_shaping() == current
-    with pytest.raises(ConnectError):
-        AdminClient(f"http://127.0.0.1:{free_port()}", token=TOKEN, timeout=2).get_shaping()
-    body = {"error": {"code": "admin_disabled", "message": "the admin API is disabled"}}
-    assert isinstance(error_from_response(403, body), AuthError)
-
-
-class _RacedAdmin(AdminClient):
-    """Another writer gets in between this client's first GET and its PUT (deterministically)."""
-
-    def __init__(self, *args, rival: AdminClient, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rival, self.raced = rival, False
-
-    def get_shaping(self):
-        current = super().get_shaping()
-        if not self.raced:
-            self.raced = True
-            self.rival.put_shaping({"attention": 1.0}, if_match=current.version, updated_by="rival")
-        return current
-
-
-def test_update_shaping_retries_a_stale_etag(server):
-    with AdminClient(server["url"], token=TOKEN) as rival, _RacedAdmin(server["url"], token=TOKEN, rival=rival) as admin:
-        before = rival.get_shaping().version
-        record = admin.update_shaping({"shap": 0.5, "lime": 0.5}, updated_by="raced")
-        assert admin.stale_retries == 1 and record.version == before + 2  # the rival's version, then ours
-        history = {v.version: v for v in admin.history()}
-        assert history[before + 1].updated_by == "rival" and history[before + 2].weights == FULL({"shap": 0.5, "lime": 0.5})
-
-
-def test_two_controllers_never_lose_an_update(server):
-    url, per_writer, tag = server["url"], 12, uuid.uuid4().hex[:6]
-    results = {0: [], 1: []}
-    barrier = threading.Barrier(2)
-    clients = [AdminClient(url, token=TOKEN), AdminClient(url, token=TOKEN)]
-
-    def controller(j):
-        for i in range(per_writer):
-            barrier.wait()  # both push at the same moment, every round
-            a, b = ("sparse", "loo") if j == 0 else ("shap", "lime")
-            w = {a: (i + 1) / 100, b: 1 - (i + 1) / 100}
-            results[j].append((clients[j].update_shaping(w, updated_by=f"{tag}-{j}-{i}"), w))
-
-    threads = [threading.Thread(target=controller, args=(j,)) for j in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    pushed = results[0] + results[1]
-    versions = [record.version for record, _ in pushed]
-    assert len(versions) == 2 * per_writer and len(set(versions)) == 2 * per_writer
-    history = {v.version: v for v in clients[0].history()}
-    ours = {v.updated_by: v for v in history.values() if (v.updated_by or "").startswith(tag)}
-    assert len(ours) == 2 * per_writer  # every update is its own version: none overwritten, none lost
-    for record, w in pushed:
-        assert history[record.version].weights == FULL(w) and history[record.version].updated_by == record.updated_by
-    print(f"\n412s absorbed: {clients[0].stale_retries} + {clients[1].stale_retries}")
-    for c in clients:
-        c.close()
 
 
 def test_objective_failures_are_recorded_not_fatal(server, tmp_path):

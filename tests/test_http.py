@@ -28,7 +28,7 @@ def _spawn(model_dir, log_path: Path, host: str | None = "127.0.0.1", **settings
 
 
 @pytest.fixture(scope="module")
-def servers(encoder_rm_dir, causal_rm_dir, tmp_path_factory):
+def servers(encoder_rm_dir, causal_rm_dir, bpe_policy_tokenizer_dir, tmp_path_factory):
     """Both servers start at once. The encoder server binds --host 127.0.0.1 and warms up (the deployed path).
 
     The causal one gets no --host, to test the default bind, and no warm-up: on a 2-core box warm-up costs ~20 s,
@@ -39,7 +39,9 @@ def servers(encoder_rm_dir, causal_rm_dir, tmp_path_factory):
         # Own shaping-version stores (not ~/.cache/tokencredit/shaping.sqlite3): these tests expect version 1.
         # fp32 rows: the exact-Shapley test compares the service's values with an enumeration done here; bf16 rows
         # round differently with the batch layout (1.3 % of the largest value measured), fp32 rows to ~1e-7.
-        "encoder": _spawn(encoder_rm_dir, logs / "encoder.log", state_db=logs / "encoder.sqlite3", explain_dtype="float32"),
+        # The policy tokenizer the tests name is offered (TOKENCREDIT_TOKENIZER_DIRS; tests/test_auth.py has the rest).
+        "encoder": _spawn(encoder_rm_dir, logs / "encoder.log", state_db=logs / "encoder.sqlite3", explain_dtype="float32",
+                          tokenizer_dirs=bpe_policy_tokenizer_dir),
         "causal": _spawn(causal_rm_dir, logs / "causal.log", host=None, warmup="false", state_db=logs / "causal.sqlite3"),
     }
     try:

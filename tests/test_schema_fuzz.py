@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.celery_helpers import stop, wait_ready
-from tests.server_helpers import spawn_server
+from tests.support import spawn_server, stop, wait_ready
 
 pytest.importorskip("schemathesis")
 

@@ -12,6 +12,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.security import api_token_enabled
+
 __all__ = ["router", "mount_static", "UI_DIR"]
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
@@ -42,11 +44,13 @@ async def ui_slash() -> RedirectResponse:
 @router.get("/ui/config.json")
 async def ui_config(request: Request) -> JSONResponse:
     """What the page needs to know before asking anything: whether the admin API is on (so it never has to
-    provoke a 403 to find out), and whether a result cache exists (Celery mode)."""
+    provoke a 403 to find out), whether the data plane needs a token, and whether a result cache exists (Celery mode)."""
     settings = request.app.state.settings
     token = settings.admin_token
     return JSONResponse({
         "admin_enabled": bool(token is not None and token.get_secret_value()),
+        # The data plane asks for TOKENCREDIT_API_TOKEN: the page asks its user for it before explaining anything.
+        "api_token_required": api_token_enabled(settings),
         "mode": "celery" if settings.broker_url else "embedded",
     }, headers={"Cache-Control": "no-store"})
 

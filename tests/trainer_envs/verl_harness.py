@@ -38,7 +38,7 @@ def policy_model_dir(work: Path) -> Path:
                                   pad_token="<|endoftext|>")
     tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(out)
-    GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=256, eos_token_id=tok.eos_token_id,
+    GPT2Config(architectures=["GPT2LMHeadModel"], vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=256, eos_token_id=tok.eos_token_id,
                bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
     return out
 
@@ -51,9 +51,9 @@ def verl_config(policy: Path, **overrides):
     base = OmegaConf.load(Path(verl.__file__).parent / "trainer" / "config" / "_generated_ppo_trainer.yaml")
     dotlist = [f"{k}={v}" for k, v in {
         "actor_rollout_ref.model.path": policy,
-        "data.max_prompt_length": 96,
+        "data.max_prompt_length": 192,
         "data.max_response_length": 32,
-        "actor_rollout_ref.rollout.prompt_length": 96,
+        "actor_rollout_ref.rollout.prompt_length": 192,
         "actor_rollout_ref.rollout.response_length": 32,
         "reward.num_workers": 1,
         "actor_rollout_ref.rollout.name": "vllm",  # the engine only names the LLM servers, stood in for here
@@ -66,17 +66,20 @@ def verl_config(policy: Path, **overrides):
 
 
 class FakeLLM:
-    """The LLM server client: answers each request with the next fixed response's token ids."""
+    """The LLM server client: answers each prompt with its fixed response's token ids (the agent loops run
+    concurrently, so the response is found by the prompt's last message, not by arrival order)."""
 
-    def __init__(self, responses):
-        self.responses = list(responses)
-        self.prompts = []
+    def __init__(self, tokenizer, prompts, responses):
+        self.tokenizer = tokenizer
+        self.answers = [(p[-1]["content"], tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                        for p, r in zip(prompts, responses)]
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         from verl.workers.rollout.replica import TokenOutput
 
-        self.prompts.append(list(prompt_ids))
-        return TokenOutput(token_ids=self.responses.pop(0), stop_reason="completed")
+        text = self.tokenizer.decode(list(prompt_ids))
+        [ids] = [ids for needle, ids in self.answers if needle in text]
+        return TokenOutput(token_ids=ids, stop_reason="completed")
 
 
 class InProcessHandle:
@@ -104,11 +107,7 @@ def prompts_batch(prompts):
 
 def dense_agent_loop(cfg, policy: Path) -> dict:
     from verl.experimental.agent_loop.agent_loop import AgentLoopManager
-    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-    from verl.trainer.ppo.reward import extract_reward
     from verl.utils.import_utils import load_class_from_fqn
-
-    import tokencredit.adapters.verl as adapter
 
     config = verl_config(policy, **{
         "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "tokencredit.adapters.verl.DenseAgentLoopManager",
@@ -119,18 +118,26 @@ def dense_agent_loop(cfg, policy: Path) -> dict:
     # What RayPPOTrainer does with the key (verl/trainer/ppo/ray_trainer.py).
     manager_cls = load_class_from_fqn(config.actor_rollout_ref.rollout.agent.agent_loop_manager_class, "AgentLoopManager")
     assert issubclass(manager_cls, AgentLoopManager)
+    return asyncio.run(_dense_agent_loop(cfg, config, manager_cls))
+
+
+async def _dense_agent_loop(cfg, config, manager_cls) -> dict:
+    # Built inside the running loop, as in their Ray actors: verl's reward managers keep the loop they start in.
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.reward import extract_reward
+
+    import tokencredit.adapters.verl as adapter
+
     reward_worker = RewardLoopWorker(config, reward_router_address=None)
-    llm = FakeLLM([])
-    manager = manager_cls(config, llm_client=llm, teacher_client=None,
+    manager = manager_cls(config, llm_client=None, teacher_client=None,
                           reward_loop_worker_handles=[InProcessHandle(reward_worker)])
     # The workers class verl would start as Ray actors: ours, wrapped by ray.remote.
     worker_cls = manager.agent_loop_workers_class.__ray_metadata__.modified_class
     assert issubclass(worker_cls, adapter.DenseAgentLoopWorker), worker_cls
 
-    worker = adapter.DenseAgentLoopWorker(config, llm, None, [InProcessHandle(reward_worker)])
-    tok = worker.tokenizer
-    llm.responses = [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for text in cfg["responses"]]
-    out = asyncio.run(worker.generate_sequences(prompts_batch(cfg["prompts"])))
+    worker = adapter.DenseAgentLoopWorker(config, None, None, [InProcessHandle(reward_worker)])
+    worker.llm_client = FakeLLM(worker.tokenizer, cfg["prompts"], cfg["responses"])
+    out = await worker.generate_sequences(prompts_batch(cfg["prompts"]))
     reward_tensor, extra = extract_reward(out)  # what the trainer reads as token_level_scores
     return {
         "manager": type(reward_worker.reward_manager).__name__,
@@ -138,27 +145,27 @@ def dense_agent_loop(cfg, policy: Path) -> dict:
         "response_mask": out.batch["response_mask"].tolist(),
         "rm_scores": reward_tensor.tolist(),
         "tokencredit_score": [float(v) for v in extra["tokencredit_score"]],
-        "policy_prompt_ids": llm.prompts,
     }
 
 
 def scalar_compute_score(cfg, policy: Path) -> dict:
-    """Tier S on the same path with verl's stock NaiveRewardManager calling our async `compute_score`."""
-    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-    from verl.trainer.ppo.reward import extract_reward
-
-    import tokencredit.adapters.verl as adapter
-
+    """Tier S on the same path: verl's stock agent-loop worker and NaiveRewardManager calling `compute_score`."""
     config = verl_config(policy, **{
         "reward.custom_reward_function.path": ADAPTER,
         "reward.custom_reward_function.name": "compute_score",
     })
+    return asyncio.run(_scalar_compute_score(cfg, config))
+
+
+async def _scalar_compute_score(cfg, config) -> dict:
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.reward import extract_reward
+
     reward_worker = RewardLoopWorker(config, reward_router_address=None)
-    llm = FakeLLM([])
-    worker = adapter.DenseAgentLoopWorker(config, llm, None, [InProcessHandle(reward_worker)])
-    tok = worker.tokenizer
-    llm.responses = [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for text in cfg["responses"]]
-    out = asyncio.run(worker.generate_sequences(prompts_batch(cfg["prompts"])))
+    worker = AgentLoopWorker(config, None, None, [InProcessHandle(reward_worker)])  # verl's stock worker
+    worker.llm_client = FakeLLM(worker.tokenizer, cfg["prompts"], cfg["responses"])
+    out = await worker.generate_sequences(prompts_batch(cfg["prompts"]))
     reward_tensor, _ = extract_reward(out)
     return {"manager": type(reward_worker.reward_manager).__name__, "rm_scores": reward_tensor.tolist(),
             "response_mask": out.batch["response_mask"].tolist()}

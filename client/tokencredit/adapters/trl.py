@@ -274,12 +274,12 @@ def _dense_grpo_trainer_class():
                                                          tool_mask, training)
             return out
 
-        def _tokenizer(self):
+        def _tc_policy_tokenizer(self):
             tok = self.processing_class
             return getattr(tok, "tokenizer", tok)  # processors wrap the tokenizer
 
         def _call_service(self, prompts, completions, completion_ids, tool_mask, training):
-            tok = self._tokenizer()
+            tok = self._tc_policy_tokenizer()
             items, starts = dense_items(prompts, completions, completion_ids, tool_mask, decoder_for(tok))
             sendable = [k for k, item in enumerate(items) if item is not None]
             results: List[Any] = [None] * len(items)

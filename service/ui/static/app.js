@@ -27,6 +27,7 @@ const svgEl = (tag, attrs = {}) => {
 };
 
 let adminToken = null;   // the only place the token is kept
+let apiToken = null;     // the data-plane token (TOKENCREDIT_API_TOKEN), when the server asks for one; kept the same way
 let config = { admin_enabled: false, mode: 'embedded' };
 let info = null;
 
@@ -34,7 +35,9 @@ let info = null;
 async function api(path, { method = 'GET', body, headers = {}, token = null } = {}) {
   const h = { ...headers };
   if (body !== undefined) h['content-type'] = 'application/json';
-  if (token) h.authorization = 'Bearer ' + token;
+  // The data plane (v1/...) gets the API token when the server asks for one; admin calls pass their own.
+  const bearer = token || (path.startsWith('v1/') ? apiToken : null);
+  if (bearer) h.authorization = 'Bearer ' + bearer;
   let res;
   try {
     res = await fetch(path, {
@@ -900,7 +903,8 @@ async function loadInfo() {
   for (;;) {
     const r = await api('v1/info');
     if (r.ok) { info = r.data; break; }
-    $('#model-info').textContent = r.status === 503 ? 'the reward model is loading…' : errorText(r);
+    $('#model-info').textContent = r.status === 503 ? 'the reward model is loading…'
+      : r.status === 401 ? 'this server asks for its API token (TOKENCREDIT_API_TOKEN): enter it above' : errorText(r);
     await new Promise((ok) => setTimeout(ok, 3000));
   }
   const m = info.model;
@@ -908,9 +912,22 @@ async function loadInfo() {
     (info.shaping.deployment ? ` · ${info.shaping.deployment}` : '');
 }
 
+function setupApiToken() {
+  $('#api-token-form').hidden = false;
+  const use = () => {
+    const value = $('#api-token').value.trim();
+    apiToken = value || null;
+    $('#api-token').value = '';   // not left in the DOM
+    $('#api-token-status').textContent = apiToken ? 'token in use' : '';
+  };
+  $('#api-token-use').addEventListener('click', use);
+  $('#api-token').addEventListener('keydown', (ev) => { if (ev.key === 'Enter') use(); });
+}
+
 async function start() {
   const c = await api('ui/config.json');
   if (c.ok) config = c.data;
+  if (config.api_token_required) setupApiToken();
   await loadInfo();
   explain.setup();
   shaping.setup();
