@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install sdk-venv trainer-venvs openapi demo-model bench bench-serving bench-fidelity browser
+.PHONY: serve test install sdk-venv trainer-venvs test-trl-min openapi demo-model bench bench-serving bench-fidelity browser
 
 # The SDK alone: ./client and pytest, no torch (tests/test_sdk_alone.py runs the SDK's tests in it). Cached: rebuilt
 # only when client/pyproject.toml changes.
@@ -64,12 +64,35 @@ $(OPENRLHF_VENV)/.installed: tests/trainer_envs/openrlhf.txt client/pyproject.to
 
 trainer-venvs: $(TRAINER_STAMPS)
 
+# TRL, lowest supported version (issue 13): the same tests/test_adapters_trl.py that .venv runs with TRL 1.16, here
+# with TRL 0.27.2 (the first with async reward functions) and the transformers/datasets of its time (TRL 0.27 does
+# not import with transformers 5). The servers under test run from .venv (TC_TESTS_SERVER_PYTHON). Cached: rebuilt
+# only when the pins or the SDK change; a venv that cannot be built fails `make test`.
+TRL_MIN       := 0.27.2
+TRL_MIN_PINS  := trl==$(TRL_MIN) transformers==4.57.6 datasets==4.8.5
+TRL_MIN_VENV  := .venv-trl-min
+TRL_MIN_PY    := $(TRL_MIN_VENV)/bin/python
+TRL_MIN_STAMP := $(TRL_MIN_VENV)/.installed-$(TRL_MIN)
+
+$(TRL_MIN_STAMP): client/pyproject.toml
+	rm -rf $(TRL_MIN_VENV)
+	$(PYTHON) -m venv $(TRL_MIN_VENV)
+	$(TRL_MIN_PY) -m pip install -q --upgrade pip
+	$(TRL_MIN_PY) -m pip install -q torch==2.13.0
+	$(TRL_MIN_PY) -m pip install -q -e ./client $(TRL_MIN_PINS) "pytest>=8" "pytest-timeout>=2.3" "httpx>=0.27" requests
+	$(TRL_MIN_PY) -c "import trl; assert trl.__version__ == '$(TRL_MIN)', trl.__version__; from trl import GRPOTrainer"
+	touch $@
+
+test-trl-min: $(STAMP) $(TRL_MIN_STAMP)
+	TC_TESTS_SERVER_PYTHON=$(abspath $(PY)) $(TRL_MIN_PY) -m pytest -q -p no:cacheprovider tests/test_adapters_trl.py
+
 serve: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model --if-missing
 	$(VENV)/bin/tokencredit-server serve
 
-test: $(STAMP) $(SDK_STAMP) $(TRAINER_STAMPS)
+test: $(STAMP) $(SDK_STAMP) $(TRAINER_STAMPS) $(TRL_MIN_STAMP)
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-trl-min
 
 # Headless Chromium for the page's tests (tests/test_ui.py, skipped without it), from the OS packages (Debian or
 # Ubuntu, as root), only when missing; .ci/run calls it. Playwright drives this executable: nothing is downloaded.

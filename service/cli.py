@@ -82,8 +82,6 @@ def _watch_readiness(app, settings, url: str) -> None:
     what = "the reward model to load"
     if settings.warmup:
         what += " and warm up"
-        if settings.compile_rows != "off" and not settings.broker_url:
-            what += " (an encoder RM on CPU also compiles its coalition rows, ~20 s; --compile-rows off skips it)"
     executor = app.state.executor
     report_when_ready(lambda: executor.ready, lambda: executor.load_error, what, f"open {url}/ui in a browser")
 
@@ -199,8 +197,6 @@ def _explain(args: argparse.Namespace) -> int:
         flag = "--policy-tokenizer" if "token_ids" in exc.field or "policy_tokenizer" in exc.field else "--response"
         return bad(f"{flag}: {exc.message}")
     what = "explaining"
-    if model.compiled_rows is not None:
-        what += " (the first rows compile with torch.compile, ~20 s on CPU; --compile-rows off skips it)"
     with Waiting(what):
         output = engine.run(request, weights, prepared)
     result = output.results[0]

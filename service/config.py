@@ -26,8 +26,9 @@ class Settings(EngineSettings):
     batch_window_ms: float = 5.0
     batch_max_rows: int = 512
     # Admission: requests queue until this many items, or this many estimated RM rows, are accepted and not yet
-    # answered; past either, 429 with Retry-After from the measured drain rate. A queued single-sample request
-    # holds ~10 kB here (measured by tests/test_load.py), so the default holds 16k of them in ~160 MB.
+    # answered; past either, 429 with Retry-After from the measured drain rate. A waiting single-sample request
+    # (connection, body, tokenized item, tasks) costs ~50 kB of server memory (+52 MB RSS with 1,000 in flight on
+    # the tiny RM, tests/test_load.py), so the default high mark is under 1 GB.
     max_queued_items: int = 16384
     max_queued_rows: int = 4_194_304
     # Deadline of a request without deadline_ms (below OpenRLHF's 180 s client timeout).

@@ -98,6 +98,11 @@ class ShapingStore:
         """Store `weights` as version expected_version + 1 if the current version is expected_version, else StaleVersion."""
         raise NotImplementedError
 
+    def _version(self, version: int, weights: Dict[str, float], updated_at: str, updated_by: Optional[str]) -> ShapingVersion:
+        """A stored version as the admin API answers it: the wire type, naming this deployment."""
+        return ShapingVersion(version=version, weights=weights, updated_at=updated_at, updated_by=updated_by,
+                              deployment=self.deployment.key)
+
     def _note_existing(self, record: Optional[ShapingVersion]) -> None:
         """Once per process: say so when the durable store overrides the configured initial weights."""
         if getattr(self, "_noted", False) or record is None:
@@ -203,8 +208,7 @@ class SqliteShapingStore(ShapingStore):
                         "using this file start their own history", len(rows), rows[-1][0], self.path, self.deployment.key)
 
     def _row(self, row) -> ShapingVersion:
-        return ShapingVersion(version=int(row[0]), weights=json.loads(row[1]), updated_at=row[2], updated_by=row[3],
-                              deployment=self.deployment.key)
+        return self._version(int(row[0]), json.loads(row[1]), row[2], row[3])
 
     def _remember(self, record: Optional[ShapingVersion]) -> Optional[ShapingVersion]:
         # Versions only grow: a reader that raced a `put` must not put an older current version back.
@@ -273,8 +277,7 @@ class SqliteShapingStore(ShapingStore):
                 ).fetchone()
                 if current != expected_version:
                     raise StaleVersion(current)
-                record = ShapingVersion(version=current + 1, weights=weights.as_dict(), updated_at=_now(),
-                                        updated_by=updated_by, deployment=self.deployment.key)
+                record = self._version(current + 1, weights.as_dict(), _now(), updated_by)
                 db.execute(
                     "INSERT INTO shaping_history (deployment, version, weights, updated_at, updated_by) VALUES (?, ?, ?, ?, ?)",
                     (self.deployment.key, record.version, json.dumps(record.weights), record.updated_at, record.updated_by),
@@ -348,8 +351,7 @@ class RedisShapingStore(ShapingStore):
 
     def _record(self, version: int, blob) -> ShapingVersion:
         data = json.loads(blob)
-        return ShapingVersion(version=version, weights=data["weights"], updated_at=data["updated_at"],
-                              updated_by=data.get("updated_by"), deployment=self.deployment.key)
+        return self._version(version, data["weights"], data["updated_at"], data.get("updated_by"))
 
     def _open(self) -> None:
         """Once per process (retried while Redis is down): take over the unscoped history if there is one."""
@@ -410,8 +412,7 @@ class RedisShapingStore(ShapingStore):
         ok, version = self._call(self._script, [self.current_key, self.versions_key], [expected_version, blob])
         if not ok:
             raise StaleVersion(int(version))
-        record = self._cache[int(version)] = ShapingVersion(version=int(version), weights=weights.as_dict(), updated_at=at,
-                                                            updated_by=updated_by, deployment=self.deployment.key)
+        record = self._cache[int(version)] = self._version(int(version), weights.as_dict(), at, updated_by)
         return record
 
 

@@ -1,5 +1,6 @@
-"""OpenRLHF and verl adapters: the tensor layouts (torch only; neither trainer is installed here) and the scalar
-tiers against the live service."""
+"""OpenRLHF and verl adapters without the trainers: the tensor layouts and shaping term (torch only), the prompt
+handling, and the scalar tiers against the live service. The trainers' own code runs in
+tests/test_adapters_verl.py and tests/test_adapters_openrlhf.py."""
 
 from __future__ import annotations
 
@@ -41,10 +42,36 @@ def test_openrlhf_index_shift():
         openrlhf.place_token_rewards([[0.1, 0.2, 0.3]], [[(3, 6), (7, 8)]], num_actions=7)
     with pytest.raises(ValueError, match="does not fit"):
         openrlhf.place_token_rewards([[0.1]], [[(8, 9)]], num_actions=7)
-    kl = torch.full((1, 7), 0.5)
-    mask = (dense != 0).float()
-    r = openrlhf.dense_compute_reward(dense, 0.1, kl, mask)
-    assert r[0, 2] == pytest.approx(0.1 - 0.05) and r[0, 0] == 0
+
+
+def test_openrlhf_shaping_term_is_zero_sum_and_moves_the_score_off_the_last_action():
+    # Two samples, A = 6; sample 1 has a tool observation (mask 0) inside its actions.
+    dense = torch.tensor([[0.0, 0.5, -0.25, 1.0, 0.0, 0.0], [0.2, 0.3, 0.0, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 1, 0, 0]])
+    s = openrlhf.shaping_term(dense, mask)
+    assert torch.allclose(s.sum(dim=1), torch.zeros(2), atol=1e-7)  # the sequence's return is unchanged
+    assert s[0].tolist() == pytest.approx([0, 0.5, -0.25, 1.0 - 1.25, 0, 0])  # score 1.25 leaves the last action
+    assert s[1].tolist() == pytest.approx([0.2, 0.3, 0, 0.5 - 1.0, 0, 0])
+    # Stock OpenRLHF puts the (baselined) scalar at the last action: together they give the token rewards back.
+    last = torch.zeros_like(dense)
+    last[0, 3], last[1, 3] = 1.25, 1.0
+    assert torch.allclose(last + s, dense)
+
+
+def test_openrlhf_conversation_of_reads_a_chat_rendering_back(bpe_policy_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import CHATML_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(str(bpe_policy_tokenizer_dir))
+    assert openrlhf.conversation_of("<|im_start|>user\nHi<|im_end|>\n", tok) is None  # no chat template
+    tok.chat_template = CHATML_TEMPLATE  # adds a default system turn when there is none, as SmolLM2's does
+    chat = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Tell me\nabout it."}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert openrlhf.conversation_of(prompt, tok) == [{"role": "system", "content": "You are a helpful assistant."}] + chat
+    assert openrlhf.conversation_of("Tell me about the movie.", tok) is None  # plain-text data stays text
+    assert openrlhf.conversation_of(prompt[:-3], tok) is None  # not a generation prompt
 
 
 def test_openrlhf_response_of():
@@ -95,11 +122,41 @@ def test_verl_dense_from_dataproto(url, bpe_policy_tokenizer_dir):
         batch = {"prompts": torch.tensor([prompt_ids]), "responses": responses, "response_mask": mask,
                  "attention_mask": torch.cat([torch.ones(1, P, dtype=torch.long), mask], dim=1)}
 
+        non_tensor_batch = {}
+
     verl._sync_client = Client(url, weights=CHEAP)  # cheap weights: the module's own client uses the server's
-    scores = verl._dense(Proto(), tok)
+    scores, [score] = verl._dense(Proto(), tok)
     assert scores.shape == (1, R) and torch.all(scores[0, len(resp_ids):] == 0)
     [expected] = asyncio.run(_score(url, ITEM["prompt"], ITEM["response"]))
-    assert math.isclose(float(scores.sum()), expected, abs_tol=1e-4)
+    assert math.isclose(float(scores.sum()), expected, abs_tol=1e-4) and math.isclose(score, expected, abs_tol=1e-6)
+
+
+def test_verl_agent_loop_mask_keeps_tool_tokens_out(url, bpe_policy_tokenizer_dir):
+    """verl's streaming reward path sends no response_mask: the agent loop hands its mask over in
+    `tool_extra_fields`, and tool-output tokens get no reward and are not sent as the response."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bpe_policy_tokenizer_dir))
+    said, tool, more = (tok(t, add_special_tokens=False)["input_ids"] for t in (" The movie was", " [tool: 42]", " wonderful."))
+    ids = said + tool + more
+    mask = [1] * len(said) + [0] * len(tool) + [1] * len(more)
+    prompt = [{"role": "user", "content": "Tell me about the movie.", "loss_mask": 1}]  # verl-only keys are dropped
+
+    class Proto:
+        batch = {"prompts": torch.tensor([[5, 6]]), "responses": torch.tensor([ids]),
+                 "attention_mask": torch.ones(1, 2 + len(ids), dtype=torch.long)}
+        non_tensor_batch = {"raw_prompt": np.array([prompt], dtype=object),
+                            "tool_extra_fields": np.array([{verl._MASK_KEY: mask}], dtype=object)}
+
+    items, _, masks = verl._policy_items(Proto(), tok)
+    assert masks[0].tolist() == mask
+    assert items == [{"messages": [{"role": "user", "content": "Tell me about the movie."},
+                                   {"role": "assistant", "content": " The movie was wonderful."}],
+                      "response_token_ids": said + more}]
+    verl._sync_client = Client(url, weights=CHEAP)
+    rows, [score] = verl._dense(Proto(), tok)
+    assert torch.all(rows[0, len(said): len(said) + len(tool)] == 0) and math.isclose(float(rows.sum()), score, abs_tol=1e-4)
 
 
 async def _score(url, prompt, response):
@@ -113,3 +170,13 @@ def test_verl_compute_score_live(url):
     out = asyncio.run(verl.compute_score("demo", ITEM["response"], None, extra_info={"prompt": ITEM["prompt"]}))
     [expected] = asyncio.run(_score(url, ITEM["prompt"], ITEM["response"]))
     assert out == {"score": pytest.approx(expected)}
+    assert verl.compute_score_sync("demo", ITEM["response"], None, extra_info={"prompt": ITEM["prompt"]}) == out
+
+
+def test_verl_score_item_prefers_the_conversation():
+    raw = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "loss_mask": 1}]
+    assert verl._score_item("Hello!", {"raw_prompt": raw, "prompt": "ignored"}) == {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}]}
+    assert verl._score_item("Hello!", {"prompt": "Hi"}) == {"prompt": "Hi", "response": "Hello!"}
+    assert verl._score_item("Hello!", None) == {"prompt": "", "response": "Hello!"}

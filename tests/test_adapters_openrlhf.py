@@ -4,8 +4,9 @@ per-token rewards inside OpenRLHF's experiences are the service's `token_rewards
 
 The harness (`tests/trainer_envs/openrlhf_harness.py`) runs in `.venv-openrlhf` (the real OpenRLHF wheel; `make`
 builds it, and a venv that cannot be built fails these tests), with stand-ins only for vLLM, the model groups
-and Ray (see its docstring). OpenRLHF computes the per-token reward inside `compute_advantages_and_returns` and
-keeps its returns: with gamma = 1 (REINFORCE-style estimators) reward t = returns[t] − returns[t + 1].
+and Ray (see its docstring); a real local Ray checks the launcher's worker setup hook. OpenRLHF computes the
+per-token reward inside `compute_advantages_and_returns` and keeps its returns: with gamma = 1 (REINFORCE-style
+estimators) reward t = returns[t] − returns[t + 1].
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def report(service, tmp_path_factory):
                                         "--reward.clip_range", "-1", "1"],
                       "prompts": PROMPTS[:2], "responses": [r[:1] for r in RESPONSES[:2]]},
     }
-    return run_harness(python, "openrlhf_harness.py", {"url": service, "on_error": "skip", "runs": runs},
+    config = {"url": service, "on_error": "skip", "runs": runs, "ray": True}
+    return run_harness(python, "openrlhf_harness.py", config,
                        tmp_path_factory.mktemp("openrlhf"), extra_pythonpath=[HERE / "cuda_stubs"])
 
 
@@ -103,6 +105,15 @@ def test_executor_and_flags(report):
     for run in ("group_norm", "reinforce"):
         assert report[run]["agent_func_path"] == ADAPTER
     assert report["group_norm"]["estimator"] == "group_norm" and report["group_norm"]["n"] == 2
+
+
+def test_launcher_patches_every_ray_worker(report):
+    # `python -m tokencredit.adapters.openrlhf` starts Ray with `install` as the worker setup hook (OpenRLHF's
+    # trainer, which runs the samples generator and experience maker, is a Ray actor): a real local Ray here.
+    hook = report["ray_setup_hook"]
+    assert hook["other_process"]
+    assert hook["names"] == ["install.<locals>.generate_vllm", "install.<locals>.process_response_into_experience",
+                             "install.<locals>.compute_advantages_and_returns", "install.<locals>.compute_reward"]
 
 
 def test_chat_prompts_are_sent_as_messages(report, policy):

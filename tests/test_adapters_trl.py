@@ -220,9 +220,8 @@ def test_dense_grpo_step_on_a_conversational_dataset(url, tmp_path):
 
     # Eval: the score only (a scalar call), no dense explanation and no shaping.
     client.calls.clear()
-    metrics = trainer.evaluate(eval_dataset=dataset)
+    trainer.evaluate(eval_dataset=dataset)
     assert client.calls and all(kind == "scores" for kind, _, _ in client.calls), client.calls
-    assert any(k.endswith("rewards/tokencredit/mean") for k in metrics), metrics
     client.close()
 
 

@@ -64,6 +64,7 @@ def test_verl_version(report):
 def test_dense_agent_loop_rm_scores_are_the_token_rewards(service, report, policy):
     out = report["dense_agent_loop"]
     assert out["manager"] == "DenseRewardManager"  # built by verl's load_reward_manager with its kwargs
+    assert out["worker_pickled_by_reference"]  # Ray actors rebuild DenseAgentLoopWorker by importing the adapter
     items, lengths = [], []
     for b, (prompt, text) in enumerate(zip(PROMPTS, RESPONSES)):
         n = sum(out["response_mask"][b])

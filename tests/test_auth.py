@@ -215,6 +215,7 @@ def test_the_page_asks_for_the_token_and_sends_it(env):
     JS variable only (not the URL, storage, cookies or the DOM)."""
     chromium = os.environ.get("TOKENCREDIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
+        assert os.environ.get("TOKENCREDIT_REQUIRE_BROWSER") != "1", "TOKENCREDIT_REQUIRE_BROWSER=1 but no chromium"
         pytest.skip("no chromium on PATH (apt-get install -y chromium; CI installs it)")
     sync_api = pytest.importorskip("playwright.sync_api")
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("botorch")  # installed by the `test` extra (tokencredit[bo])
 import torch  # noqa: E402
 
-from tests.support import spawn_server, stop, wait_ready  # noqa: E402
+from tests.support import running_server  # noqa: E402
 from tokencredit.admin import AdminClient  # noqa: E402
 from tokencredit.bo import BayesOpt, Study  # noqa: E402
 from tokencredit.bo.cli import parse_objective  # noqa: E402
@@ -159,13 +159,8 @@ def test_parse_objective():
 def server(encoder_rm_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bo")
     settings = {"admin_token": TOKEN, "state_db": tmp / "shaping.sqlite3", "weights": json.dumps({"sparse": 1.0})}
-    proc, url = spawn_server(encoder_rm_dir, tmp / "server.log", **settings)
-    try:
-        wait_ready(proc, url, tmp / "server.log")
+    with running_server(encoder_rm_dir, tmp / "server.log", secret=TOKEN, **settings) as url:
         yield {"url": url, "tmp": tmp, "log": tmp / "server.log"}
-    finally:
-        stop(proc)
-    assert TOKEN not in (tmp / "server.log").read_text(errors="replace")
 
 
 def test_objective_failures_are_recorded_not_fatal(server, tmp_path):

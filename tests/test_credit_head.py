@@ -97,7 +97,9 @@ def test_checkpoints_are_versioned_atomic_and_refuse_other_formats(head, labelle
     assert path.name == "head-v1.pt" and sorted(p.name for p in tmp_path.iterdir()) == ["head-v1.pt"]  # no temp left
     again = CreditHead.load(path)
     assert again.version == 1 and again.rm_revision == head.rm_revision
+    assert 0.0 <= again.blend == head.blend <= 1.0 and head.reports["blend"] == head.blend
     assert np.array_equal(again.predict(e.features, e.delta), head.predict(e.features, e.delta))
+    assert np.array_equal(again.predict(e.features, e.delta, e.estimate), head.predict(e.features, e.delta, e.estimate))
     head.version = 2
     try:
         head.save(tmp_path)

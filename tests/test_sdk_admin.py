@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.support import free_port, spawn_server, stop, wait_ready
+from tests.support import free_port, running_server
 from tokencredit import Timeouts
 from tokencredit.admin import AdminClient, AsyncAdminClient
 from tokencredit.errors import (
@@ -34,15 +34,10 @@ FULL = lambda w: {c: float(w.get(c, 0.0)) for c in ALL}  # noqa: E731
 
 @pytest.fixture(scope="module")
 def server(encoder_rm_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdk-admin")
-    settings = {"admin_token": TOKEN, "state_db": tmp / "shaping.sqlite3", "weights": json.dumps({"sparse": 1.0})}
-    proc, url = spawn_server(encoder_rm_dir, tmp / "server.log", **settings)
-    try:
-        wait_ready(proc, url, tmp / "server.log")
-        yield {"url": url, "tmp": tmp, "log": tmp / "server.log"}
-    finally:
-        stop(proc)
-    assert TOKEN not in (tmp / "server.log").read_text(errors="replace")
+    log = tmp_path_factory.mktemp("sdk-admin") / "server.log"
+    with running_server(encoder_rm_dir, log, secret=TOKEN, admin_token=TOKEN, state_db=log.with_suffix(".sqlite3"),
+                        weights=json.dumps({"sparse": 1.0})) as url:
+        yield {"url": url}
 
 
 def test_admin_client_errors(server, monkeypatch):

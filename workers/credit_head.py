@@ -384,6 +384,9 @@ class CreditHead:
     alone: object  # the HeadNet without estimate input
     plus: Optional[object] = None  # the HeadNet with the k-pass estimate as input, or None (not trained yet)
     passes: int = 1
+    # amortized+k = blend · alone + (1 − blend) · plus: an inverse-variance weighting of the head's own prediction and
+    # the pass-reading head, whose errors are partly independent; fitted on the training set's validation split.
+    blend: float = 0.0
     examples: int = 0  # explained responses it was trained on
     label_rows: int = 0  # RM rows those labels cost
     created: float = field(default_factory=time.time)
@@ -398,7 +401,11 @@ class CreditHead:
             return _predict_raw(self.alone, features, delta, None)
         if self.plus is None:
             raise ValueError("this credit head has no plus head (trained without per-pass estimates)")
-        return _predict_raw(self.plus, features, delta, estimate)
+        plus = _predict_raw(self.plus, features, delta, estimate)
+        if self.blend == 0.0:
+            return plus
+        # Both sum to delta, so the blend does too (re-projected for float64 rounding).
+        return project_efficient(self.blend * _predict_raw(self.alone, features, delta, None) + (1 - self.blend) * plus, delta)
 
     # -- files ------------------------------------------------------------------------------------------------
     def save(self, directory: os.PathLike) -> Path:
@@ -415,6 +422,7 @@ class CreditHead:
             "version": self.version,
             "hidden_size": self.hidden_size,
             "passes": self.passes,
+            "blend": self.blend,
             "examples": self.examples,
             "label_rows": self.label_rows,
             "created": self.created,
@@ -444,7 +452,7 @@ class CreditHead:
             rm_name=payload["rm_name"], rm_revision=payload["rm_revision"], version=int(payload["version"]),
             hidden_size=H, alone=_net_from(payload["alone"], H, False),
             plus=None if payload["plus"] is None else _net_from(payload["plus"], H, True),
-            passes=int(payload["passes"]), examples=int(payload["examples"]), label_rows=int(payload["label_rows"]),
+            passes=int(payload["passes"]), blend=float(payload.get("blend", 0.0)), examples=int(payload["examples"]), label_rows=int(payload["label_rows"]),
             created=float(payload["created"]), reports=dict(payload["reports"]),
         )
 
@@ -480,15 +488,34 @@ def train_head(
     alone, report = fit_head(examples, plus=False, start=None if previous is None else previous.alone,
                              should_stop=should_stop, **fit_kwargs)
     reports = {"alone": asdict(report)}
-    plus = None
+    plus, blend = None, 0.0
     if any(e.estimate_target is not None for e in examples):
         start = None if previous is None else previous.plus
         plus, plus_report = fit_head(examples, plus=True, start=start, should_stop=should_stop, **fit_kwargs)
         reports["plus"] = asdict(plus_report)
+        blend = _fit_blend(alone, plus, examples, fit_kwargs.get("val_fraction", 0.1))
+        reports["blend"] = blend
     return CreditHead(
         rm_name=rm_name, rm_revision=rm_revision, version=version, hidden_size=int(examples[0].features.context.shape[0]),
-        alone=alone, plus=plus, examples=len(examples), label_rows=label_rows, reports=reports,
+        alone=alone, plus=plus, blend=blend, examples=len(examples), label_rows=label_rows, reports=reports,
     )
+
+
+def _fit_blend(alone, plus, examples: Sequence[Example], val_fraction: float) -> float:
+    """The weight λ ∈ [0, 1] of the alone head in λ·alone + (1 − λ)·plus minimising the squared error against the
+    plus head's label (passes 1..P−1, not read by either head) on the validation split `fit_head` held out of the
+    plus head's examples; 0 when there is none. Least squares in closed form: λ = Σ⟨a − p, y − p⟩ / Σ‖a − p‖²."""
+    usable = [e for e in examples if e.estimate_target is not None]
+    n_val = int(round(len(usable) * val_fraction)) if len(usable) >= 10 else 0
+    if n_val == 0:
+        return 0.0
+    num = den = 0.0
+    for e in usable[len(usable) - n_val:]:
+        a = _predict(alone, e, False)
+        p = _predict(plus, e, True)
+        num += float(np.dot(a - p, e.estimate_target - p))
+        den += float(np.dot(a - p, a - p))
+    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

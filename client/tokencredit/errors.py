@@ -8,7 +8,7 @@ One base class, two branches, so that `except TokenCreditError` catches every se
     │   └── RequestTimeout          connect, read, write or pool timeout
     ├── RewardServiceError          the server answered with an error status (status, code, field, retryable, ...)
     │   ├── InvalidRequestError     400 / 422: fix the request, never retried
-    │   ├── AuthError               401 / 403: missing or wrong admin token, or the admin API is disabled
+    │   ├── AuthError               401 / 403: missing or wrong bearer token (admin or data plane), or the admin API is disabled
     │   ├── PreconditionFailedError 412: stale If-Match (another writer won); `current_version` from the ETag
     │   ├── PreconditionRequiredError 428: a write without If-Match
     │   ├── PayloadTooLargeError    413: split (the SDK does this itself) or shorten the item

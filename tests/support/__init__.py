@@ -6,6 +6,7 @@ from tests.support.processes import (
     ROOT,
     SERVER_PYTHON,
     free_port,
+    running_server,
     server_env,
     spawn_api,
     spawn_server,
@@ -20,6 +21,6 @@ from tests.support.shared import CHEAP, LIMITS, live_server
 
 __all__ = [
     "ROOT", "SERVER_PYTHON", "free_port", "server_env", "spawn_server", "spawn_api", "spawn_worker", "wait_ready",
-    "wait_worker_loaded", "stop", "metric", "FaultProxy", "DEFAULT_REDIS", "unique_names", "start_redis",
+    "wait_worker_loaded", "stop", "running_server", "metric", "FaultProxy", "DEFAULT_REDIS", "unique_names", "start_redis",
     "require_default_redis", "cleanup_redis", "CHEAP", "LIMITS", "live_server",
 ]

@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import httpx
 import pytest
 
 __all__ = [
     "ROOT", "SERVER_PYTHON", "free_port", "server_env", "spawn_server", "spawn_api", "spawn_worker", "wait_ready",
-    "wait_worker_loaded", "stop",
+    "wait_worker_loaded", "stop", "running_server",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +95,20 @@ def spawn_worker(model_dir, log_path: Path, broker: str, name: str, **settings) 
     """`tokencredit-server worker` named `name`. Its log is truncated: `wait_worker_loaded` reads it."""
     args = ["worker", "--model", model_dir, "--hostname", name, "--log-level", "info"]
     return _launch(args, log_path, server_env(broker_url=broker, **settings), append=False)
+
+
+@contextlib.contextmanager
+def running_server(model_dir, log_path: Path, *, secret: Optional[str] = None, **kwargs) -> Iterator[str]:
+    """`spawn_server` (same arguments), ready, for the `with` block (its URL); stopped after it. With `secret` (a
+    token the server was given), the server's whole log is checked afterwards: the secret must not be in it."""
+    proc, url = spawn_server(model_dir, log_path, **kwargs)
+    try:
+        wait_ready(proc, url, log_path)
+        yield url
+    finally:
+        stop(proc)
+    if secret is not None:
+        assert secret not in Path(log_path).read_text(errors="replace"), f"{log_path} shows the secret"
 
 
 def _log_tail(log_path: Path) -> str:

@@ -190,6 +190,29 @@ def run(name, spec, tokenizer, executor) -> dict:
             "agent_func_path": args.train.agent_func_path, "prompts": prompts, "samples": samples}
 
 
+def ray_setup_hook() -> dict:
+    """A real local Ray started with the launcher's runtime env: a fresh worker process has OpenRLHF patched."""
+    import ray
+
+    import tokencredit.adapters.openrlhf as adapter
+
+    @ray.remote(num_cpus=0)
+    def patched_names():
+        from openrlhf.trainer.ppo_utils import experience_maker
+        from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+        return [SamplesGenerator._generate_vllm.__qualname__, SamplesGenerator._process_response_into_experience.__qualname__,
+                experience_maker.RemoteExperienceMaker.compute_advantages_and_returns.__qualname__,
+                experience_maker.compute_reward.__qualname__, os.getpid()]
+
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env=adapter.ray_runtime_env(), log_to_driver=False)
+    try:
+        *names, pid = ray.get(patched_names.remote(), timeout=300)
+    finally:
+        ray.shutdown()
+    return {"names": names, "other_process": pid != os.getpid()}
+
+
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     os.environ["TOKENCREDIT_URL"] = cfg["url"]
@@ -206,6 +229,8 @@ def main() -> None:
     report = {"openrlhf": version("openrlhf"), "policy_dir": str(policy_dir), "executor": type(executor).__name__}
     for name, spec in cfg["runs"].items():
         report[name] = run(name, spec, tokenizer, executor)
+    if cfg.get("ray"):
+        report["ray_setup_hook"] = ray_setup_hook()
     print(json.dumps(report))
 
 

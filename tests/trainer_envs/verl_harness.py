@@ -134,6 +134,12 @@ async def _dense_agent_loop(cfg, config, manager_cls) -> dict:
     # The workers class verl would start as Ray actors: ours, wrapped by ray.remote.
     worker_cls = manager.agent_loop_workers_class.__ray_metadata__.modified_class
     assert issubclass(worker_cls, adapter.DenseAgentLoopWorker), worker_cls
+    # Ray ships the actor class to its worker processes with cloudpickle: by reference (module + name), so a
+    # worker rebuilds it by importing the adapter.
+    from ray import cloudpickle
+
+    blob = cloudpickle.dumps(adapter.DenseAgentLoopWorker)
+    by_reference = b"tokencredit.adapters.verl" in blob and len(blob) < 200
 
     worker = adapter.DenseAgentLoopWorker(config, None, None, [InProcessHandle(reward_worker)])
     worker.llm_client = FakeLLM(worker.tokenizer, cfg["prompts"], cfg["responses"])
@@ -141,6 +147,7 @@ async def _dense_agent_loop(cfg, config, manager_cls) -> dict:
     reward_tensor, extra = extract_reward(out)  # what the trainer reads as token_level_scores
     return {
         "manager": type(reward_worker.reward_manager).__name__,
+        "worker_pickled_by_reference": by_reference,
         "responses": out.batch["responses"].tolist(),
         "response_mask": out.batch["response_mask"].tolist(),
         "rm_scores": reward_tensor.tolist(),

@@ -34,7 +34,7 @@ from tokencredit.adapters import lazy_classes
 from tokencredit.client import Client
 
 __all__ = ["reward_func", "place_token_rewards", "shaping_term", "dense_compute_reward", "response_of",
-           "conversation_of", "install", "main", "AgentExecutor"]
+           "conversation_of", "install", "ray_runtime_env", "main", "AgentExecutor"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,16 @@ def _agent_executor_class():
     return AgentExecutor
 
 
+def ray_runtime_env() -> Dict[str, Any]:
+    """The launcher's Ray runtime env: the env vars OpenRLHF's own `ray.init` sets (it skips its init when Ray is
+    up) and the `TOKENCREDIT_*` ones, and `install` as every worker process's setup hook."""
+    env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+           "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+           "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("TOKENCREDIT_")})
+    return {"env_vars": env, "worker_process_setup_hook": "tokencredit.adapters.openrlhf.install"}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """`python -m tokencredit.adapters.openrlhf ARGS`: OpenRLHF's `train_ppo_ray` with the dense tier on."""
     import runpy
@@ -333,12 +343,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv += ["--train.agent_func_path", os.path.abspath(__file__)]
     install()
     if not ray.is_initialized():
-        # The env vars OpenRLHF's own ray.init sets (it skips its init when Ray is up), plus the setup hook.
-        env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
-               "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
-               "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")}
-        env.update({k: v for k, v in os.environ.items() if k.startswith("TOKENCREDIT_")})
-        ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": "tokencredit.adapters.openrlhf.install"})
+        ray.init(runtime_env=ray_runtime_env())
     sys.argv = ["openrlhf.cli.train_ppo_ray", *argv]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
 

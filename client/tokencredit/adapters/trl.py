@@ -23,7 +23,6 @@ PPOTrainer: the dense PPO tier is OpenRLHF's and verl's (docs/trainers/).
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -225,6 +224,7 @@ def dense_items(prompts, completions, completion_ids, tool_mask, decode) -> Tupl
 
 def _dense_grpo_trainer_class():
     import concurrent.futures
+    import copy
 
     import torch
     import trl
@@ -261,6 +261,7 @@ def _dense_grpo_trainer_class():
             self._dense_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokencredit-dense")
             self._dense_future = None
             self._dense_answer = None
+            self._tc_tokenizer = None
             extra = [reward_funcs] if reward_funcs is not None and not isinstance(reward_funcs, list) else list(reward_funcs or [])
             super().__init__(model, [self._outcome_reward_func()] + extra, *args, **kwargs)
 
@@ -270,16 +271,17 @@ def _dense_grpo_trainer_class():
             # Every TRL from 0.27 to 1.16 returns (prompt_ids, completion_ids, tool_mask, completions, ...).
             _, completion_ids, tool_mask, completions = out[:4]
             training = self.model.training
+            if self._tc_tokenizer is None:
+                # The call's thread decodes with its own copy: a Rust tokenizer that the training thread re-pads or
+                # re-truncates meanwhile raises "Already borrowed".
+                tok = self.processing_class
+                self._tc_tokenizer = copy.deepcopy(getattr(tok, "tokenizer", tok))  # processors wrap the tokenizer
             self._dense_future = self._dense_pool.submit(self._call_service, prompts, completions, completion_ids,
                                                          tool_mask, training)
             return out
 
-        def _tc_policy_tokenizer(self):
-            tok = self.processing_class
-            return getattr(tok, "tokenizer", tok)  # processors wrap the tokenizer
-
         def _call_service(self, prompts, completions, completion_ids, tool_mask, training):
-            tok = self._tc_policy_tokenizer()
+            tok = self._tc_tokenizer
             items, starts = dense_items(prompts, completions, completion_ids, tool_mask, decoder_for(tok))
             sendable = [k for k, item in enumerate(items) if item is not None]
             results: List[Any] = [None] * len(items)
@@ -321,6 +323,12 @@ def _dense_grpo_trainer_class():
                 return output
             results, starts = answer
             ids, mask = output["completion_ids"], output["completion_mask"]
+            if ids.shape[0] % self.num_generations:
+                raise ValueError(
+                    f"DenseGRPOTrainer: this process holds {ids.shape[0]} completions, not whole groups of "
+                    f"num_generations={self.num_generations}; make per_device_train_batch_size × steps_per_generation "
+                    "a multiple of num_generations (the shaping baseline is per prompt group)"
+                )
             if "tool_mask" in output:
                 mask = mask * output["tool_mask"]
             b, width = ids.shape
