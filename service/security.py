@@ -117,9 +117,9 @@ class TokenizerDirs:
         """The real directory `value` names, or InvalidField("policy_tokenizer", TOKENIZER_REFUSED)."""
         for candidate, roots in self._candidates(value):
             real = _real(candidate)
-            if real is None or not _is_tokenizer_dir(real):
-                continue
-            if any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+            # Inside a root first: nothing outside the offered folders is even looked at.
+            inside = real is not None and any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+            if inside and _is_tokenizer_dir(real):
                 return real
         raise InvalidField("policy_tokenizer", TOKENIZER_REFUSED)
 

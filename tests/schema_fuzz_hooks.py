@@ -33,7 +33,7 @@ import httpx
 import schemathesis
 from pydantic import ValidationError
 
-from tokencredit.types import DenseRewardItem, DenseRewardsRequest, Limits, ShapingUpdate, ShapingWeights
+from tokencredit.types import DenseRewardItem, DenseRewardsRequest, Limits, ShapingUpdate
 
 URL = os.environ["TC_FUZZ_URL"]
 RM_DIR = os.environ["TC_FUZZ_RM"]

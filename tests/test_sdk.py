@@ -271,7 +271,7 @@ def test_flow_is_shared_sans_io():
     """The retry logic is a generator: drive it by hand, as both clients do."""
     base = BaseClient(retry=FAST, limits=None)
     base._limits = None
-    flow = base._chunk_flow([_prep(1)], {}, "raise", None, None)
+    flow = base._chunk_flow([_prep(1)], {}, "raise", None)
     first = next(flow)
     second = flow.send(Answer(503, {"retry-after": "0"}, {"error": {"code": "not_ready", "message": "", "retryable": True}}))
     assert second.seconds == 0.0

@@ -272,7 +272,7 @@ class BaseClient(HTTPCore):
             attempt += 1
 
     def _chunk_flow(self, chunk: List[_Prepared], options: Dict[str, Any], on_error: str,
-                    deadline_ms: Optional[int], deadline: Optional[float]) -> Generator[Any, Any, Dict[int, Outcome]]:
+                    deadline: Optional[float]) -> Generator[Any, Any, Dict[int, Outcome]]:
         """Send one chunk until every item has an outcome: retries, 413 splits, per-item failures."""
         outcomes: Dict[int, Outcome] = {}
         pending = list(chunk)
@@ -301,7 +301,7 @@ class BaseClient(HTTPCore):
             if isinstance(err, PayloadTooLargeError) and len(pending) > 1:
                 half = len(pending) // 2
                 for part in (pending[:half], pending[half:]):
-                    outcomes.update((yield from self._chunk_flow(part, options, on_error, deadline_ms, deadline)))
+                    outcomes.update((yield from self._chunk_flow(part, options, on_error, deadline)))
                 return outcomes
             bad = self._bad_item(err, pending)
             if bad is not None and on_error != "raise":
@@ -481,7 +481,7 @@ class BaseClient(HTTPCore):
                     f"the server's limit of {limits.max_response_chars} (checked locally)", field=where)
         sendable = [p for p in prepared if p.index not in outcomes]
         options = self._request_options(weights, methods, policy_tokenizer, shaping_version, shaping)
-        flows = [self._chunk_flow(c, options, on_error, deadline_ms, deadline) for c in self._chunks(sendable, limits)]
+        flows = [self._chunk_flow(c, options, on_error, deadline) for c in self._chunks(sendable, limits)]
         for part in (yield Gather(flows)):
             outcomes.update(part)
         return self._finish(items, outcomes, on_error)

@@ -123,9 +123,9 @@ def _fit_all(engine, pairs: List[Tuple[str, str]]) -> Tuple[List[Tuple[str, str]
 async def _scores(executor, pairs: List[Tuple[str, str]], metrics=None, endpoint: str = ""):
     """RM scores of (prompt, response) pairs, in chunks within the item and token limits, each long response cut to
     fit (`_fit_response`): ((scores, RM tokens, truncated flags), None), or (None, an error response)."""
-    engine = executor.engine
-    if engine is None:  # not ready: the executor answers 503 with Retry-After
+    if executor.engine is None:  # not ready: the executor raises the 503 (with Retry-After) that says so
         await executor.run(DenseRewardsRequest(items=[DenseRewardItem(prompt="", response="x")], weights=_SCALAR), _SCALAR)
+    engine = executor.engine
     pairs, response_cut, counts = await asyncio.to_thread(_fit_all, engine, pairs)
     limits = engine.limits
     scores: List[float] = []

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from tokencredit.adapters import lazy_classes
 from tokencredit.client import AsyncClient, Client
 
-__all__ = ["make_reward_func", "chat_messages", "reward_item", "shaping_advantages", "DenseGRPOTrainer"]
+__all__ = ["make_reward_func", "chat_messages", "reward_item", "dense_items", "shaping_advantages", "DenseGRPOTrainer"]
 
 _ROLES = ("system", "user", "assistant", "tool")
 
