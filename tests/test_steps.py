@@ -10,7 +10,7 @@ import re
 import httpx
 import pytest
 
-from tests.test_sdk_support import CHEAP, live_server
+from tests.support import CHEAP, live_server
 from workers.shaping import step_rewards, step_spans, token_steps
 
 SOLUTION = "First, add 2 and 3.\n\nThen double it: 10.\n\nSo the answer is 10."

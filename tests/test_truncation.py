@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from tests.test_sdk_support import LIMITS, live_server
+from tests.support import LIMITS, live_server
 from tests.tiny_models import CORPUS
 
 PROMPT = "Tell me about the movie."
