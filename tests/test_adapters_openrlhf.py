@@ -21,6 +21,9 @@ from tests.support import CHEAP, spawn_server, stop, wait_ready
 from tests.trainer_envs import HERE, run_harness, trainer_python
 from tokencredit import Client
 
+# The first test may build the trainer venv (minutes on a busy machine; `make test` builds it before pytest).
+pytestmark = pytest.mark.timeout(1800)
+
 ADAPTER = str(Path(__file__).resolve().parents[1] / "client" / "tokencredit" / "adapters" / "openrlhf.py")
 PROMPTS = [
     [{"role": "user", "content": "Tell me about the movie."}],

@@ -19,6 +19,9 @@ from tests.support import CHEAP, spawn_server, stop, wait_ready
 from tests.trainer_envs import run_harness, trainer_python
 from tokencredit import Client
 
+# The first test may build the trainer venv (minutes on a busy machine; `make test` builds it before pytest).
+pytestmark = pytest.mark.timeout(1800)
+
 PROMPTS = [
     [{"role": "user", "content": "Tell me about the movie."}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How was your weekend?"}],
