@@ -36,55 +36,66 @@ $(SDK_STAMP): client/pyproject.toml
 
 sdk-venv: $(SDK_STAMP)
 
-# Trainer venvs (issue 13): tests/test_adapters_verl.py and tests/test_adapters_openrlhf.py run each trainer's own
-# reward-consuming code in its venv. The trainer's real wheel with --no-deps (its full set needs CUDA builds), plus
-# only what the imported modules need (tests/trainer_envs/*.txt); torch first and pinned (the CPU wheel). Cached:
-# rebuilt only when a stamp's inputs change. `make trainer-venvs` builds both.
+# Trainer venvs (issue 13): tests/test_adapters_verl.py, tests/test_adapters_openrlhf.py and the lowest-TRL run
+# use each trainer's own reward-consuming code in its venv. The trainer's real wheel with --no-deps (its full set needs
+# CUDA builds), plus only what the imported modules need (tests/trainer_envs/*.txt); torch first and pinned (the CPU
+# wheel). They hold third-party packages only (the SDK comes from ./client on PYTHONPATH), so they are cached outside
+# the checkout, under $(VENV_CACHE), one per hash of their inputs: a fresh clone on the same machine (CI) links the
+# venvs it already has instead of building ~5 GB again. `.venv-verl` etc. are links into that cache.
+VENV_CACHE ?= $(HOME)/.cache/tokencredit/venvs
+# $(call venv_key,name,files,pins): the cache folder of a venv, named by a hash of what goes into it.
+venv_key = $(VENV_CACHE)/$(1)-$(shell cat $(2) client/pyproject.toml | { cat; echo "$(3)"; } | sha256sum | cut -c1-12)
+# $(call cached_venv,link,folder,install commands using $$py): build the folder once, then link it as `link`.
+# (No commas in the commands: make splits call arguments on them.)
+define cached_venv
+	@d=$(2); py=$$d/bin/python; \
+	if [ ! -f $$d/.installed ]; then \
+	  echo "building $(1) in $$d"; rm -rf $$d && mkdir -p $(VENV_CACHE) && $(PYTHON) -m venv $$d && \
+	  $$py -m pip install -q --upgrade pip && $(3) && touch $$d/.installed || { rm -rf $$d; exit 1; }; \
+	fi; \
+	rm -rf $(1) && ln -s $$d $(1) && touch $(1)/.installed
+endef
+CLIENT_DEPS := "httpx>=0.27" "pydantic>=2.6" "numpy>=1.24"
+
 VERL_VENV      := .venv-verl
+VERL_PINS      := torch==2.13.0 verl==0.9.1
 OPENRLHF_VENV  := .venv-openrlhf
+OPENRLHF_PINS  := torch==2.13.0 openrlhf==0.11.2 deepspeed==0.19.6
 TRAINER_STAMPS := $(VERL_VENV)/.installed $(OPENRLHF_VENV)/.installed
 
 $(VERL_VENV)/.installed: tests/trainer_envs/verl.txt client/pyproject.toml
-	rm -rf $(VERL_VENV)
-	$(PYTHON) -m venv $(VERL_VENV)
-	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VERL_VENV)/bin/python -m pip install -q --no-deps verl==0.9.1
-	$(VERL_VENV)/bin/python -m pip install -q -e ./client -r tests/trainer_envs/verl.txt
-	touch $@
+	$(call cached_venv,$(VERL_VENV),$(call venv_key,verl,tests/trainer_envs/verl.txt,$(VERL_PINS)),\
+	  $$py -m pip install -q torch==2.13.0 && $$py -m pip install -q --no-deps verl==0.9.1 && \
+	  $$py -m pip install -q $(CLIENT_DEPS) -r tests/trainer_envs/verl.txt)
 
 # deepspeed is an sdist: built against the venv's pinned torch (no build isolation, which would fetch another torch).
 $(OPENRLHF_VENV)/.installed: tests/trainer_envs/openrlhf.txt client/pyproject.toml
-	rm -rf $(OPENRLHF_VENV)
-	$(PYTHON) -m venv $(OPENRLHF_VENV)
-	$(OPENRLHF_VENV)/bin/python -m pip install -q torch==2.13.0 setuptools wheel
-	$(OPENRLHF_VENV)/bin/python -m pip install -q --no-deps openrlhf==0.11.2
-	$(OPENRLHF_VENV)/bin/python -m pip install -q -e ./client -r tests/trainer_envs/openrlhf.txt
-	DS_BUILD_OPS=0 $(OPENRLHF_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation deepspeed==0.19.6
-	touch $@
+	$(call cached_venv,$(OPENRLHF_VENV),$(call venv_key,openrlhf,tests/trainer_envs/openrlhf.txt,$(OPENRLHF_PINS)),\
+	  $$py -m pip install -q torch==2.13.0 setuptools wheel && $$py -m pip install -q --no-deps openrlhf==0.11.2 && \
+	  $$py -m pip install -q $(CLIENT_DEPS) -r tests/trainer_envs/openrlhf.txt && \
+	  DS_BUILD_OPS=0 $$py -m pip install -q --no-deps --no-build-isolation deepspeed==0.19.6)
 
 trainer-venvs: $(TRAINER_STAMPS)
 
 # TRL, lowest supported version (issue 13): the same tests/test_adapters_trl.py that .venv runs with TRL 1.16, here
 # with TRL 0.27.2 (the first with async reward functions) and the transformers/datasets of its time (TRL 0.27 does
-# not import with transformers 5). The servers under test run from .venv (TC_TESTS_SERVER_PYTHON). Cached: rebuilt
-# only when the pins or the SDK change; a venv that cannot be built fails `make test`.
+# not import with transformers 5). The servers under test run from .venv (TC_TESTS_SERVER_PYTHON). Cached like the
+# trainer venvs; a venv that cannot be built fails `make test`.
 TRL_MIN       := 0.27.2
 TRL_MIN_PINS  := trl==$(TRL_MIN) transformers==4.57.6 datasets==4.8.5
 TRL_MIN_VENV  := .venv-trl-min
 TRL_MIN_PY    := $(TRL_MIN_VENV)/bin/python
-TRL_MIN_STAMP := $(TRL_MIN_VENV)/.installed-$(TRL_MIN)
+TRL_MIN_STAMP := $(TRL_MIN_VENV)/.installed
 
 $(TRL_MIN_STAMP): client/pyproject.toml
-	rm -rf $(TRL_MIN_VENV)
-	$(PYTHON) -m venv $(TRL_MIN_VENV)
-	$(TRL_MIN_PY) -m pip install -q --upgrade pip
-	$(TRL_MIN_PY) -m pip install -q torch==2.13.0
-	$(TRL_MIN_PY) -m pip install -q -e ./client $(TRL_MIN_PINS) "pytest>=8" "pytest-timeout>=2.3" "httpx>=0.27" requests
-	$(TRL_MIN_PY) -c "import trl; assert trl.__version__ == '$(TRL_MIN)', trl.__version__; from trl import GRPOTrainer"
-	touch $@
+	$(call cached_venv,$(TRL_MIN_VENV),$(call venv_key,trl-min,/dev/null,torch==2.13.0 $(TRL_MIN_PINS)),\
+	  $$py -m pip install -q torch==2.13.0 && \
+	  $$py -m pip install -q $(CLIENT_DEPS) $(TRL_MIN_PINS) "pytest>=8" "pytest-timeout>=2.3" requests && \
+	  $$py -c "import trl; from trl import GRPOTrainer; print('trl', trl.__version__); assert trl.__version__ == '$(TRL_MIN)'")
 
 test-trl-min: $(STAMP) $(TRL_MIN_STAMP)
-	TC_TESTS_SERVER_PYTHON=$(abspath $(PY)) $(TRL_MIN_PY) -m pytest -q -p no:cacheprovider tests/test_adapters_trl.py
+	PYTHONPATH=$(CURDIR)/client TC_TESTS_SERVER_PYTHON=$(abspath $(PY)) \
+	  $(TRL_MIN_PY) -m pytest -q -p no:cacheprovider tests/test_adapters_trl.py
 
 serve: $(STAMP)
 	$(VENV)/bin/tokencredit-server demo-model --if-missing

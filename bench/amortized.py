@@ -1,7 +1,10 @@
 """Amortized Shapley credit (issue 15): learning curves of the credit head on the demo encoder RM.
 
-    python bench/amortized.py [--quick] [--model DIR] [--train-sizes 100 300 1000] [--eval N] [--ref-passes P]
-                              [--default-subset N] [--tokens LO HI]
+    python bench/amortized.py [--quick] [--model DIR] [--train-sizes 100 300 1000 2000] [--eval 30] [--ref-passes 32]
+                              [--default-subset 8] [--tokens LO HI] [--finetune N]
+
+Cold, the full run labels 2000 responses (~18 min on 2 busy cores) and 30 references; both are cached, so a rerun
+only re-trains (~10 min) and re-times. --quick: 100 training and 10 evaluation responses (~3 min cold).
 
 Training responses: openings (LO..HI RM tokens, default 8..16) of the tweets the demo RM was trained on; evaluation
 responses: openings of its 1000 held-out tweets (`workers.demo_model._split`), never used to train the RM or the
@@ -14,7 +17,8 @@ with `tokencredit-server distill`'s cache (`<cache>/credit-heads/<rm>@<revision>
 
 Methods, per evaluation response: the head alone (score pass + f(∅): 2 rows), the head correcting one stratified
 pass (amortized+k: 2T + 1 rows), that one pass alone (2T), our 8T default, LOO (T + 2) and shap's default text
-explainer (Partition, 500 evaluations, fp32) on the first --default-subset responses. Fidelity is Spearman and top-5
+explainer (Partition, 500 evaluations, fp32) on the first --default-subset responses. --finetune N adds an
+experiment that is not served: a copy of the RM's encoder fine-tuned (FastSHAP-style) on the first N labels. Fidelity is Spearman and top-5
 overlap (by |value|) against the reference, averaged over responses; seconds per response on 1 torch thread.
 The last line is machine-readable:
 
@@ -188,10 +192,10 @@ def main() -> None:
                              "training responses (0: off; not a served head)")
     parser.add_argument("--finetune-epochs", type=int, default=6)
     args = parser.parse_args()
-    sizes = args.train_sizes or ([100] if args.quick else [100, 300, 1000])
-    n_eval = args.eval or (10 if args.quick else 40)
-    ref_passes = args.ref_passes or (16 if args.quick else 64)
-    n_default = args.default_subset if args.default_subset is not None else (2 if args.quick else 10)
+    sizes = args.train_sizes or ([100] if args.quick else [100, 300, 1000, 2000])
+    n_eval = args.eval or (10 if args.quick else 30)
+    ref_passes = args.ref_passes or (16 if args.quick else 32)
+    n_default = args.default_subset if args.default_subset is not None else (2 if args.quick else 8)
     if args.model is None:
         from workers.demo_model import ensure_demo_model
 
@@ -308,8 +312,9 @@ def main() -> None:
         label_rows = sum(x.rows for x in subset)
         curve = {
             "train": len(subset), "label_rows": label_rows, "label_minutes_at_this_row_cost": label_rows * s_row / 60,
-            "train_seconds": s_train, "epochs": {k: v["epochs"] for k, v in head.reports.items()},
-            "val_spearman_vs_labels": {k: v["val_spearman"] for k, v in head.reports.items()},
+            "train_seconds": s_train, "epochs": {k: head.reports[k]["epochs"] for k in ("alone", "plus") if k in head.reports},
+            "val_spearman_vs_labels": {k: head.reports[k]["val_spearman"] for k in ("alone", "plus") if k in head.reports},
+            "blend": head.blend,
             "head": {"rows": 2.0, "seconds": float(np.mean(s_alone)), **dict(zip(("spearman", "top5", "n"), fidelity("alone")))},
             "head+k": {"rows": 2 * mean_T + 1, "seconds": float(np.mean(s_plus)), **dict(zip(("spearman", "top5", "n"), fidelity("plus")))},
         }

@@ -17,7 +17,7 @@ from tests import tiny_models
 from tests.support import spawn_server, stop, wait_ready
 from tokencredit.types import DenseRewardItem, DenseRewardsRequest, Limits, MethodsConfig, ShapConfig, ShapingWeights
 from workers.credit_head import (
-    CHECKPOINT_FORMAT, CreditHead, head_dir, label_example, latest_head_path, list_versions, spearman, token_features,
+    CHECKPOINT_FORMAT, CreditHead, head_dir, label_example, latest_head_path, list_versions, token_features,
     train_head,
 )
 from workers.credit_serving import AmortizedCredit
@@ -303,3 +303,28 @@ def test_server_serves_a_distilled_head_with_its_version_and_exports_live_fideli
     assert 'tokencredit_credit_audits{mode="amortized"} 1.0' in metrics
     live = [line for line in metrics.splitlines() if line.startswith('tokencredit_credit_live_spearman{mode="amortized"}')]
     assert live and -1.0 <= float(live[0].split()[-1]) <= 1.0
+
+
+def test_server_learns_a_head_online_from_its_own_full_budget_requests(encoder_rm_dir, tmp_path):
+    cache = tmp_path / "cache"
+    log = tmp_path / "server.log"
+    proc, url = spawn_server(encoder_rm_dir, log, credit_dir=cache, credit_train_every=8)
+    texts = _responses(8, 21)
+    try:
+        wait_ready(proc, url, log)
+        full = {"items": [{"prompt": PROMPT, "response": t} for t in texts], "weights": {"shap": 1}}
+        assert httpx.post(f"{url}/v1/dense_rewards", json=full, timeout=120).status_code == 200
+        deadline = time.monotonic() + 120
+        while "tokencredit_credit_head_version 1.0" not in httpx.get(f"{url}/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "no head trained from 8 full-budget explanations"
+            time.sleep(0.2)
+        body = {"items": [{"prompt": PROMPT, "response": texts[0]}], "weights": {"shap": 1},
+                "methods": {"shap": {"estimator": "amortized+k"}}}
+        r = httpx.post(f"{url}/v1/dense_rewards", json=body, timeout=60)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        stop(proc)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["credit_head_version"] == 1
+    assert "tokencredit_credit_examples 8.0" in metrics and "tokencredit_credit_trainings 1.0" in metrics
+    assert (cache / "credit-heads").is_dir() and any((cache / "credit-heads").rglob("head-v1.pt"))

@@ -12,7 +12,8 @@ Two heads share one checkpoint:
 * alone: hidden states only (≈ 2–3 rows per response);
 * plus: hidden states and a k-pass permutation estimate (2kT rows) as input, learning its correction
   (the estimate + a learned residual). Trained noise2noise-style without extra rows: the input is pass 0 of the
-  service's full-budget run and the target the mean of its other passes (`split_passes`).
+  service's full-budget run and the target the mean of its other passes (`split_passes`). `amortized+k` serves
+  blend · alone + (1 − blend) · plus, the weight fitted on the training set's validation split (`_fit_blend`).
 
 Pure torch and numpy; the only I/O is `CreditHead.save` / `CreditHead.load` (atomic, versioned files per RM
 revision under `<cache>/credit-heads/`).

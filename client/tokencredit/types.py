@@ -133,8 +133,9 @@ class ShapConfig(_Strict):
     # RM); "permutation" and "kernel" are the shap library's PermutationExplainer and KernelExplainer.
     # "amortized": the server's learned credit head alone (2 rows on an encoder RM: the score pass, which also gives
     # the hidden states, and f(∅); 3 on a causal RM);
-    # "amortized+k": the head correcting one stratified pass (2T + 2 rows). Both need a head trained for this RM
-    # (`tokencredit-server distill`, or online from full-budget requests; 422 otherwise) and ignore max_rows.
+    # "amortized+k": the head correcting one stratified pass (2T + 1 rows; 2T + 2 on a causal RM). Both need a
+    # head trained for this RM (`tokencredit-server distill`, or online from full-budget requests; 422 otherwise)
+    # and ignore max_rows.
     estimator: Literal["permutation", "kernel", "stratified", "amortized", "amortized+k"] = "stratified"
     # RM rows (coalitions) per response; None = 8 × response tokens. Needs at least 2T (stratified), 2T+1
     # (permutation) or T+2 (kernel); a budget of 2^T or more enumerates every coalition instead (exact values).

@@ -36,7 +36,7 @@ def run_harness(python: str, harness: str, config: dict, work: Path, extra_pytho
     cfg_path.write_text(json.dumps({**config, "work_dir": str(work)}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENCREDIT_", "PYTEST_", "VIRTUAL_ENV"))}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([*map(str, extra_pythonpath), str(ROOT)]))
+               PYTHONPATH=os.pathsep.join([*map(str, extra_pythonpath), str(ROOT), str(ROOT / "client")]))
     run = subprocess.run([python, str(HERE / harness), str(cfg_path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     (work / f"{harness}.log").write_text(run.stderr)
