@@ -86,9 +86,10 @@ def test_predictions_sum_to_delta_and_beat_the_uniform_share_on_held_out_respons
             mse_one_pass += float(np.mean((e.estimate - e.estimate_target) ** 2))
             mse_plus_uniform += float(np.mean((e.delta / len(e.target) - e.estimate_target) ** 2))
     assert mse_head < 0.8 * mse_uniform  # it learned something beyond Σ = Δ
-    # The plus head reads its pass (far better than the uniform share) and starts from it: on 110 responses of a
-    # random tiny RM it stays near it (whether it beats it on a real RM is bench/amortized.py's question).
-    assert mse_plus < 0.5 * mse_plus_uniform and mse_plus < 1.25 * mse_one_pass
+    # amortized+k reads its pass (far better than the uniform share) and starts from it: on 110 responses of a random
+    # tiny RM it stays near it, blend with the alone head included (whether it beats the pass on a real RM is
+    # bench/amortized.py's question; here the blend weight comes from 10 validation responses, hence the margin).
+    assert mse_plus < 0.5 * mse_plus_uniform and mse_plus < 1.5 * mse_one_pass
 
 
 def test_checkpoints_are_versioned_atomic_and_refuse_other_formats(head, labelled, tmp_path):
