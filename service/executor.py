@@ -138,6 +138,11 @@ class EmbeddedExecutor:
         except Exception:
             pass  # reported by /readyz and by 503s on requests
 
+    async def on_prepare_thread(self, fn, *args):
+        """`fn(*args)` on the thread that validates requests: the one thread that tokenizes once the RM is loaded
+        (the shims' truncation tokenizes too), so the RM's tokenizer is never driven from two threads at once."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
+
     async def run(self, request: DenseRewardsRequest, weights: ShapingWeights) -> EngineOutput:
         if self.engine is None:
             raise NotReady(self.load_error or "the reward model is still loading")

@@ -16,7 +16,6 @@ of a long response, as OpenRLHF's own RM server does, and a long prompt from the
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
@@ -126,7 +125,7 @@ async def _scores(executor, pairs: List[Tuple[str, str]], metrics=None, endpoint
     if executor.engine is None:  # not ready: the executor raises the 503 (with Retry-After) that says so
         await executor.run(DenseRewardsRequest(items=[DenseRewardItem(prompt="", response="x")], weights=_SCALAR), _SCALAR)
     engine = executor.engine
-    pairs, response_cut, counts = await asyncio.to_thread(_fit_all, engine, pairs)
+    pairs, response_cut, counts = await executor.on_prepare_thread(_fit_all, engine, pairs)
     limits = engine.limits
     scores: List[float] = []
     truncated: List[bool] = []
