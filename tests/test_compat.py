@@ -49,7 +49,8 @@ def test_openrlhf_batch_split_and_no_prompts(http):
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["rewards"]) == 10 and body["rewards"][0] == body["rewards"][2] != body["rewards"][1]
-    assert body["rewards"][1] == pytest.approx(_score(http, "", queries[1]))
+    # Scored in a batch of 8 (shared padded pass) vs alone: fp32 rounding apart (docs/architecture.md).
+    assert body["rewards"][1] == pytest.approx(_score(http, "", queries[1]), rel=1e-5)
 
 
 def test_openrlhf_errors(http):
