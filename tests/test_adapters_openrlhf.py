@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import CHEAP, spawn_server, stop, wait_ready
+from tests.support import CHEAP, running_server
 from tests.trainer_envs import HERE, run_harness, trainer_python
 from tokencredit import Client
 
@@ -44,12 +44,8 @@ KL = -0.5 - -0.7  # the harness's actor and reference log-probs: k1 KL per actio
 @pytest.fixture(scope="module")
 def service(llama_chat_rm_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("openrlhf-service") / "server.log"
-    proc, url = spawn_server(llama_chat_rm_dir, log, weights=json.dumps(CHEAP), max_response_tokens=MAX_RESPONSE_TOKENS)
-    try:
-        wait_ready(proc, url, log)
+    with running_server(llama_chat_rm_dir, log, weights=json.dumps(CHEAP), max_response_tokens=MAX_RESPONSE_TOKENS) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from tests.support import CHEAP, spawn_server, stop, wait_ready
+from tests.support import CHEAP, running_server
 from tests.trainer_envs import run_harness, trainer_python
 from tokencredit import Client
 
@@ -33,12 +33,8 @@ RESPONSES = [" The movie was wonderful and the acting was superb.", " It was awf
 @pytest.fixture(scope="module")
 def service(llama_chat_rm_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("verl-service") / "server.log"
-    proc, url = spawn_server(llama_chat_rm_dir, log, weights=json.dumps(CHEAP))
-    try:
-        wait_ready(proc, url, log)
+    with running_server(llama_chat_rm_dir, log, weights=json.dumps(CHEAP)) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
